@@ -1,0 +1,136 @@
+//! Response bodies that stream a byte range of a bundle file, cached or still filling.
+//!
+//! A body reads the shared file with positioned reads on the blocking pool, one bounded
+//! chunk at a time, so memory per download is a chunk whatever the bundle size or the
+//! client's speed. Following a fill, it reads up to the length the fill has published and
+//! waits for more. It holds back the final byte of its range until the fill has verified
+//! the whole bundle: a client can then never receive a complete response of unverified
+//! bytes, because on a failed fill the body ends in an error and the connection is
+//! aborted.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::watch;
+
+use crate::fill::FillState;
+
+/// The body type of every response the relay sends.
+pub type ResponseBody = BoxBody<Bytes, io::Error>;
+
+/// Size of one read from the bundle file.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+/// Whether the file is complete or still being written by a fill.
+#[derive(Debug)]
+pub enum Progress {
+    Complete,
+    Live(watch::Receiver<FillState>),
+}
+
+/// An empty body (HEAD, 304).
+pub fn empty() -> ResponseBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A body of `bytes` held in memory (error documents).
+pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Streams bytes `start..end` of `file`.
+pub fn file_range(file: Arc<File>, start: u64, end: u64, progress: Progress) -> ResponseBody {
+    let reader = RangeReader {
+        file,
+        pos: start,
+        end,
+        progress,
+    };
+    let chunks = stream::unfold(reader, |mut reader| async move {
+        let chunk = reader.next_chunk().await?;
+        Some((chunk.map(Frame::data), reader))
+    });
+    StreamBody::new(chunks).boxed()
+}
+
+struct RangeReader {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+    progress: Progress,
+}
+
+impl RangeReader {
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let limit = match self.available().await {
+            Ok(limit) => limit,
+            Err(e) => {
+                // Stop after the error: the connection is aborted on the first one.
+                self.end = self.pos;
+                return Some(Err(e));
+            }
+        };
+
+        let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
+        let (file, pos) = (self.file.clone(), self.pos);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, pos)?;
+            Ok::<_, io::Error>(Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+
+        match read {
+            Ok(bytes) => {
+                self.pos += len as u64;
+                Some(Ok(bytes))
+            }
+            Err(e) => {
+                self.end = self.pos;
+                Some(Err(e))
+            }
+        }
+    }
+
+    /// How far this body may read now; waits while the fill has nothing new for it.
+    async fn available(&mut self) -> io::Result<u64> {
+        let Progress::Live(rx) = &mut self.progress else {
+            return Ok(self.end);
+        };
+        loop {
+            let limit = {
+                let state = rx.borrow_and_update();
+                match &state.outcome {
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+                    // The final byte waits for verification (see the module docs).
+                    None => Some(state.written.min(self.end - 1)),
+                }
+            };
+            match limit {
+                None => {
+                    self.progress = Progress::Complete;
+                    return Ok(self.end);
+                }
+                Some(limit) if limit > self.pos => return Ok(limit),
+                Some(_) => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(io::Error::other("fill ended without an outcome"));
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The command line: `patchrelay serve` and `patchrelay publish`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::publish::publish_file;
+
+/// Files at least this large get a progress bar while they are published.
+const PROGRESS_THRESHOLD: u64 = 64 * 1024 * 1024;
+
+/// A caching relay for content-addressed software patch bundles.
+#[derive(Debug, Parser)]
+#[command(name = "patchrelay", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a relay until SIGTERM or Ctrl-C.
+    Serve {
+        /// The relay's config file.
+        #[arg(short, long, default_value = "relay.toml")]
+        config: PathBuf,
+    },
+    /// Add files to this relay's cache as pinned bundles and print their ids.
+    Publish {
+        /// The config of the relay whose cache receives the files (normally a root).
+        #[arg(short, long, default_value = "relay.toml")]
+        config: PathBuf,
+        /// Files to publish.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Publish { config, files } => publish(&config, &files),
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("patchrelay: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn serve(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("patchrelay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::relay::serve(&config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "relay failed to start");
+            eprintln!("patchrelay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn publish(config_path: &Path, files: &[PathBuf]) -> ExitCode {
+    let config = match load(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let cache = match Cache::open(&config.relay.cache_dir) {
+        Ok((cache, _)) => cache,
+        Err(e) => {
+            eprintln!("patchrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !config.is_root() {
+        eprintln!(
+            "patchrelay: note: relay {} has parents; bundles published here are pinned at this \
+             relay only",
+            config.relay.id
+        );
+    }
+
+    let mut failed = false;
+    for file in files {
+        let bar = progress_bar(file);
+        let result = publish_file(&cache, file, &mut |n| bar.set_position(n));
+        bar.finish_and_clear();
+        match result {
+            Ok(published) => {
+                let note = if published.already_cached {
+                    "  (already cached)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{}  {}  {}{note}",
+                    published.id,
+                    published.bytes,
+                    file.display()
+                );
+            }
+            Err(e) => {
+                eprintln!("patchrelay: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// A progress bar on stderr for a large file; hidden for small files or when stderr is
+/// not a terminal.
+fn progress_bar(file: &Path) -> ProgressBar {
+    let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    if len < PROGRESS_THRESHOLD {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(file.display().to_string());
+    bar
+}

@@ -1,0 +1,512 @@
+//! Relay configuration: the TOML file, its validation and the typed [`Config`] it yields.
+//!
+//! Every error names the file, the line and the key, because the person reading it is an
+//! operator at a branch site with a text editor, not a developer with a debugger. Unknown
+//! keys are errors too: a misspelt limit that silently does nothing is worse than a refusal
+//! to start.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::bundle::BundleId;
+
+/// A validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from (for messages); `None` when built from a string.
+    pub source: Option<PathBuf>,
+    pub relay: RelayConfig,
+    pub upstream: UpstreamConfig,
+}
+
+/// `[relay]`: who this relay is and where it keeps its cache.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Unique name of this relay; appears in logs, response headers and error bodies.
+    pub id: String,
+    /// The site (branch office) this relay serves.
+    pub site: String,
+    /// Address the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Cache directory; a relative path in the file is taken relative to the file's folder.
+    pub cache_dir: PathBuf,
+    /// How long running downloads may continue after SIGTERM before the relay exits.
+    /// Default 30 s.
+    pub shutdown_grace: Duration,
+}
+
+/// `[upstream]`: where this relay fetches what it lacks.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URLs of parent relays, in order of preference. Empty for a root.
+    pub parents: Vec<BaseUrl>,
+    /// URL template with `{id}`, tried after every parent.
+    pub origin: Option<OriginTemplate>,
+    /// Time allowed to open a TCP connection to a parent. Default 5 s.
+    pub connect_timeout: Duration,
+    /// A parent that sends no byte (nor response headers) for this long has failed.
+    /// Default 15 s.
+    pub stall_timeout: Duration,
+}
+
+/// A parent relay's base URL, such as `http://10.1.0.5:7420`, without a trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl(String);
+
+impl BaseUrl {
+    /// The URL of bundle `id` on this parent.
+    pub fn bundle_url(&self, id: &BundleId) -> String {
+        format!("{}/v1/bundles/{id}", self.0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An origin URL template containing `{id}`, such as `http://mirror/b/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginTemplate(String);
+
+impl OriginTemplate {
+    /// The template with `{id}` replaced by the bundle id.
+    pub fn url_for(&self, id: &BundleId) -> String {
+        self.0.replace("{id}", &id.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    relay: RawRelay,
+    upstream: Option<RawUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    id: Spanned<String>,
+    site: Spanned<String>,
+    listen: Spanned<String>,
+    cache_dir: Spanned<String>,
+    shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(default)]
+    parents: Vec<Spanned<String>>,
+    origin: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    stall_timeout: Option<Spanned<String>>,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = Self::parse(&text, &path.display().to_string(), base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses config text. `name` is used in messages; relative paths resolve against
+    /// `base_dir`.
+    pub fn parse(text: &str, name: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let ctx = Ctx { text, name };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: name.to_string(),
+            line: e.span().map_or(1, |span| ctx.line_of(&span)),
+            message: e.message().trim().to_string(),
+        })?;
+
+        let relay = ctx.relay(raw.relay, base_dir)?;
+        let upstream = match raw.upstream {
+            Some(up) => ctx.upstream(up, &relay)?,
+            None => UpstreamConfig {
+                parents: Vec::new(),
+                origin: None,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                stall_timeout: DEFAULT_STALL_TIMEOUT,
+            },
+        };
+        Ok(Self {
+            source: None,
+            relay,
+            upstream,
+        })
+    }
+
+    /// Whether this relay has no parents (it is the top of its tree).
+    pub fn is_root(&self) -> bool {
+        self.upstream.parents.is_empty()
+    }
+}
+
+/// The text being parsed, to turn spans into line numbers.
+struct Ctx<'a> {
+    text: &'a str,
+    name: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid<T>(&self, key: &str, value: &Spanned<T>, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.name.to_string(),
+            line: self.line_of(&value.span()),
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    fn relay(&self, raw: RawRelay, base_dir: &Path) -> Result<RelayConfig, ConfigError> {
+        let id = self.name_value("relay.id", &raw.id)?;
+        let site = self.name_value("relay.site", &raw.site)?;
+
+        let listen = raw.listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+            let msg = format!(
+                "{:?} is not an address like \"127.0.0.1:7420\"",
+                raw.listen.get_ref()
+            );
+            self.invalid("relay.listen", &raw.listen, msg)
+        })?;
+
+        if raw.cache_dir.get_ref().trim().is_empty() {
+            let msg = "must name a directory".to_string();
+            return Err(self.invalid("relay.cache_dir", &raw.cache_dir, msg));
+        }
+        let cache_dir = base_dir.join(raw.cache_dir.get_ref());
+
+        let shutdown_grace = self.duration(
+            "relay.shutdown_grace",
+            raw.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE,
+        )?;
+        Ok(RelayConfig {
+            id,
+            site,
+            listen,
+            cache_dir,
+            shutdown_grace,
+        })
+    }
+
+    fn upstream(
+        &self,
+        raw: RawUpstream,
+        relay: &RelayConfig,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let mut parents = Vec::with_capacity(raw.parents.len());
+        for parent in &raw.parents {
+            let url = self.base_url("upstream.parents", parent)?;
+            if url.0.contains(&format!("//{}", relay.listen)) {
+                let msg = format!("{} is this relay's own listen address", url.0);
+                return Err(self.invalid("upstream.parents", parent, msg));
+            }
+            if parents.contains(&url) {
+                let msg = format!("{} is listed twice", url.0);
+                return Err(self.invalid("upstream.parents", parent, msg));
+            }
+            parents.push(url);
+        }
+
+        let origin = match raw.origin {
+            Some(origin) if !origin.get_ref().trim().is_empty() => {
+                Some(self.origin_template(&origin)?)
+            }
+            _ => None,
+        };
+
+        let connect_timeout = self.duration(
+            "upstream.connect_timeout",
+            raw.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let stall_timeout = self.duration(
+            "upstream.stall_timeout",
+            raw.stall_timeout,
+            DEFAULT_STALL_TIMEOUT,
+        )?;
+        Ok(UpstreamConfig {
+            parents,
+            origin,
+            connect_timeout,
+            stall_timeout,
+        })
+    }
+
+    /// Ids and sites go into headers and file names: keep them to a safe alphabet.
+    fn name_value(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+        let s = value.get_ref();
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if s.is_empty() || s.len() > 64 || !s.chars().all(ok_char) {
+            let msg = format!("{s:?} must be 1 to 64 characters of letters, digits, '-', '_', '.'");
+            return Err(self.invalid(key, value, msg));
+        }
+        Ok(s.clone())
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        match humantime::parse_duration(value.get_ref().trim()) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(self.invalid(key, &value, "must be longer than zero".to_string())),
+            Err(e) => {
+                let msg = format!("{:?} is not a duration like \"15s\" ({e})", value.get_ref());
+                Err(self.invalid(key, &value, msg))
+            }
+        }
+    }
+
+    fn base_url(&self, key: &str, value: &Spanned<String>) -> Result<BaseUrl, ConfigError> {
+        let text = value.get_ref().trim().trim_end_matches('/');
+        check_http_url(text).map_err(|msg| self.invalid(key, value, msg))?;
+        if text.contains(['?', '#']) {
+            let msg = format!("{text:?} must be a base URL without query or fragment");
+            return Err(self.invalid(key, value, msg));
+        }
+        Ok(BaseUrl(text.to_string()))
+    }
+
+    fn origin_template(&self, value: &Spanned<String>) -> Result<OriginTemplate, ConfigError> {
+        let text = value.get_ref().trim();
+        if !text.contains("{id}") {
+            let msg = format!("{text:?} must contain {{id}} where the bundle id goes");
+            return Err(self.invalid("upstream.origin", value, msg));
+        }
+        let sample = text.replace("{id}", &"0".repeat(64));
+        check_http_url(&sample).map_err(|msg| self.invalid("upstream.origin", value, msg))?;
+        Ok(OriginTemplate(text.to_string()))
+    }
+}
+
+/// Checks that `text` is an absolute `http://` URL with a host.
+fn check_http_url(text: &str) -> Result<(), String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        // TODO: https upstreams need rustls (issue 8); until then they are refused here
+        // rather than failing at the first fetch.
+        Some("https") => return Err(format!("{text:?}: https upstreams are not supported yet")),
+        _ => return Err(format!("{text:?} must start with http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[relay]
+id = "branch-7"
+site = "lyon"
+listen = "127.0.0.1:7421"
+cache_dir = "cache"
+shutdown_grace = "10s"
+
+[upstream]
+parents = ["http://10.0.0.1:7420/", "http://10.0.0.2:7420"]
+origin = "http://mirror.example/b/{id}"
+connect_timeout = "2s"
+stall_timeout = "1m"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "relay.toml", Path::new("/etc/patchrelay"))
+    }
+
+    fn error_text(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("config should have been rejected:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!(config.relay.id, "branch-7");
+        assert_eq!(config.relay.site, "lyon");
+        assert_eq!(config.relay.listen, "127.0.0.1:7421".parse().unwrap());
+        assert_eq!(
+            config.relay.cache_dir,
+            PathBuf::from("/etc/patchrelay/cache")
+        );
+        assert_eq!(config.relay.shutdown_grace, Duration::from_secs(10));
+        let parents: Vec<_> = config
+            .upstream
+            .parents
+            .iter()
+            .map(BaseUrl::as_str)
+            .collect();
+        assert_eq!(parents, ["http://10.0.0.1:7420", "http://10.0.0.2:7420"]);
+        let id = BundleId::of(b"x");
+        assert_eq!(
+            config.upstream.origin.as_ref().map(|o| o.url_for(&id)),
+            Some(format!("http://mirror.example/b/{id}"))
+        );
+        assert_eq!(config.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.upstream.stall_timeout, Duration::from_secs(60));
+        assert!(!config.is_root());
+    }
+
+    #[test]
+    fn upstream_section_is_optional_for_a_root() {
+        let text =
+            "[relay]\nid = \"r\"\nsite = \"s\"\nlisten = \"127.0.0.1:1\"\ncache_dir = \"c\"\n";
+        let config = parse(text).expect("valid root config");
+        assert!(config.is_root());
+        assert_eq!(config.upstream.stall_timeout, DEFAULT_STALL_TIMEOUT);
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let text = GOOD.replace("stall_timeout = \"1m\"", "stall_timeout = \"soon\"");
+        let err = error_text(&text);
+        assert!(
+            err.starts_with("relay.toml:14: upstream.stall_timeout:"),
+            "{err}"
+        );
+        assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_line() {
+        let text = GOOD.replace("site = \"lyon\"", "site = \"lyon\"\nsiet = \"typo\"");
+        let err = error_text(&text);
+        assert!(err.starts_with("relay.toml:5:"), "{err}");
+        assert!(err.contains("siet"), "{err}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let text = GOOD.replace("site = \"lyon\"\n", "");
+        let err = error_text(&text);
+        assert!(err.contains("missing field `site`"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let err = error_text("[relay]\nid = \"a\"\nsite = \n");
+        assert!(err.starts_with("relay.toml:3:"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_address() {
+        let err = error_text(&GOOD.replace("127.0.0.1:7421", "localhost"));
+        assert!(err.starts_with("relay.toml:5: relay.listen:"), "{err}");
+    }
+
+    #[test]
+    fn parent_must_be_http_url() {
+        let err = error_text(&GOOD.replace("http://10.0.0.2:7420", "ftp://10.0.0.2"));
+        assert!(err.starts_with("relay.toml:10: upstream.parents:"), "{err}");
+        assert!(err.contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn relay_cannot_be_its_own_parent() {
+        let err = error_text(&GOOD.replace("http://10.0.0.2:7420", "http://127.0.0.1:7421"));
+        assert!(err.contains("own listen address"), "{err}");
+    }
+
+    #[test]
+    fn origin_needs_id_placeholder() {
+        let err = error_text(&GOOD.replace("/b/{id}", "/b/"));
+        assert!(err.starts_with("relay.toml:11: upstream.origin:"), "{err}");
+        assert!(err.contains("{id}"), "{err}");
+    }
+
+    #[test]
+    fn empty_origin_means_none() {
+        let config = parse(&GOOD.replace("http://mirror.example/b/{id}", "")).expect("valid");
+        assert!(config.upstream.origin.is_none());
+    }
+
+    #[test]
+    fn relay_id_alphabet_is_enforced() {
+        let err = error_text(&GOOD.replace("branch-7", "branch 7\r\nX: y"));
+        assert!(err.contains("relay.id"), "{err}");
+    }
+
+    #[test]
+    fn zero_timeout_is_rejected() {
+        let err = error_text(&GOOD.replace("connect_timeout = \"2s\"", "connect_timeout = \"0s\""));
+        assert!(
+            err.contains("upstream.connect_timeout: must be longer than zero"),
+            "{err}"
+        );
+    }
+}
+
+#[cfg(test)]
+impl OriginTemplate {
+    pub(crate) fn for_tests(template: &str) -> Self {
+        Self(template.to_string())
+    }
+}

@@ -1,0 +1,524 @@
+//! Fills: one upstream transfer per missing bundle, however many requests want it.
+//!
+//! [`Fills::join`] is the single-flight point. The first request for a missing bundle
+//! starts a fill task; every later request for it, until the fill ends, gets the same
+//! [`Fill`]. The task belongs to no request, so a client hanging up never cancels a
+//! transfer that others follow.
+//!
+//! The task writes the body into a temporary file and hashes it as it goes, publishing
+//! progress on a `watch` channel. Requests follow by reading the shared file up to the
+//! published length (see [`crate::body`]), so a slow client costs no memory and never
+//! slows the fill. When a source fails or stalls, the task asks the next one for the rest
+//! with a Range request. Only a body whose BLAKE3 hash equals the id is renamed into the
+//! cache; otherwise every follower's body ends in an error, which makes the server abort
+//! the connection instead of ending a short or corrupt response cleanly.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::bundle::BundleId;
+use crate::cache::{Cache, TempFile};
+use crate::stats::Stats;
+use crate::upstream::{FetchError, Opened, Source, Upstream};
+
+/// Bytes gathered from upstream before they are written out, unless the upstream pauses
+/// first. Bounds a fill's memory whatever the bundle size.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// Why a fill ended without a cached bundle.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FillError {
+    /// Every source answered that it does not have the bundle.
+    #[error("no upstream has bundle {id}")]
+    NotFound { id: BundleId },
+    /// No source could deliver it; `timeout` when every failure was a timeout or stall.
+    #[error("upstream failed for bundle {id}: {last}")]
+    Upstream {
+        id: BundleId,
+        timeout: bool,
+        last: String,
+    },
+    /// The relay has no parent and no origin to ask.
+    #[error("bundle {id} is not cached and this relay has no upstream")]
+    NoUpstream { id: BundleId },
+    /// The complete body did not hash to the id.
+    #[error("bundle {id} failed verification: content hashed to {actual}")]
+    Integrity { id: BundleId, actual: String },
+    /// Writing or committing the local copy failed.
+    #[error("cache write failed for bundle {id}: {message}")]
+    Local { id: BundleId, message: String },
+}
+
+/// Progress of a fill, as its followers see it.
+#[derive(Debug, Clone, Default)]
+pub struct FillState {
+    /// Total length, once a source has announced it.
+    pub total: Option<u64>,
+    /// Bytes written to the file so far, from its start.
+    pub written: u64,
+    /// Set once when the fill ends: `Ok` means verified and committed.
+    pub outcome: Option<Result<(), FillError>>,
+}
+
+/// A running fill that requests can follow.
+#[derive(Debug)]
+pub struct Fill {
+    pub id: BundleId,
+    /// The file being written; stays readable after it is renamed into the cache.
+    pub file: Arc<File>,
+    state: watch::Receiver<FillState>,
+}
+
+impl Fill {
+    /// A receiver of this fill's progress.
+    pub fn subscribe(&self) -> watch::Receiver<FillState> {
+        self.state.clone()
+    }
+
+    /// Waits until the bundle's length is known, or the fill has failed first.
+    pub async fn total(&self) -> Result<u64, FillError> {
+        let mut rx = self.state.clone();
+        let state = rx
+            .wait_for(|s| s.total.is_some() || s.outcome.is_some())
+            .await
+            .map_err(|_| self.vanished())?;
+        match (&state.outcome, state.total) {
+            (Some(Err(e)), _) => Err(e.clone()),
+            (_, Some(total)) => Ok(total),
+            (_, None) => Err(self.vanished()),
+        }
+    }
+
+    /// Waits until the fill has verified and committed the bundle, or failed.
+    pub async fn verified(&self) -> Result<(), FillError> {
+        let mut rx = self.state.clone();
+        let state = rx
+            .wait_for(|s| s.outcome.is_some())
+            .await
+            .map_err(|_| self.vanished())?;
+        state
+            .outcome
+            .clone()
+            .unwrap_or_else(|| Err(self.vanished()))
+    }
+
+    fn vanished(&self) -> FillError {
+        FillError::Local {
+            id: self.id,
+            message: "fill task ended unexpectedly".into(),
+        }
+    }
+}
+
+/// What [`Fills::join`] found.
+#[derive(Debug)]
+pub enum Joined {
+    /// The bundle was committed to the cache meanwhile; serve it as a hit.
+    Cached,
+    /// Follow this fill; `started` when this call started it.
+    Fill { fill: Arc<Fill>, started: bool },
+}
+
+/// The registry of running fills.
+#[derive(Debug)]
+pub struct Fills {
+    running: Mutex<HashMap<BundleId, Arc<Fill>>>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    cache: Arc<Cache>,
+    upstream: Arc<Upstream>,
+    stats: Arc<Stats>,
+}
+
+impl Fills {
+    pub fn new(cache: Arc<Cache>, upstream: Arc<Upstream>, stats: Arc<Stats>) -> Arc<Self> {
+        Arc::new(Self {
+            running: Mutex::default(),
+            tasks: Mutex::default(),
+            cache,
+            upstream,
+            stats,
+        })
+    }
+
+    /// Joins the running fill of `id`, or starts one.
+    ///
+    /// The cache is checked again under the registry lock: a fill that finished after the
+    /// caller's cache lookup has already renamed its file into place, and starting a
+    /// second transfer for it would break the one-transfer promise.
+    pub fn join(self: &Arc<Self>, id: BundleId) -> std::io::Result<Joined> {
+        let mut running = self
+            .running
+            .lock()
+            .expect("fill registry lock is never poisoned");
+        if let Some(fill) = running.get(&id) {
+            return Ok(Joined::Fill {
+                fill: fill.clone(),
+                started: false,
+            });
+        }
+        if self.cache.contains(&id) {
+            return Ok(Joined::Cached);
+        }
+
+        let temp = self.cache.create_temp(&id)?;
+        let (tx, rx) = watch::channel(FillState::default());
+        let fill = Arc::new(Fill {
+            id,
+            file: temp.file().clone(),
+            state: rx,
+        });
+        running.insert(id, fill.clone());
+        drop(running);
+
+        Stats::bump(&self.stats.fills_started);
+        let task = tokio::spawn(self.clone().run(id, temp, tx));
+        let mut tasks = self
+            .tasks
+            .lock()
+            .expect("fill task list lock is never poisoned");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+        Ok(Joined::Fill {
+            fill,
+            started: true,
+        })
+    }
+
+    /// Whether there is any parent or origin to fill from.
+    pub fn has_upstream(&self) -> bool {
+        self.upstream.has_sources()
+    }
+
+    /// Number of fills running now.
+    pub fn running(&self) -> usize {
+        self.running
+            .lock()
+            .expect("fill registry lock is never poisoned")
+            .len()
+    }
+
+    /// Stops every running fill; their temporary files are removed as the tasks drop.
+    pub fn abort_all(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .expect("fill task list lock is never poisoned")
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    async fn run(self: Arc<Self>, id: BundleId, temp: TempFile, tx: watch::Sender<FillState>) {
+        let started = Instant::now();
+        let mut transfer = Transfer::new(id, &temp, &tx, &self.stats);
+        let result = self.fetch_all(&mut transfer).await;
+        let result = match result {
+            Ok(()) => self.verify_and_commit(transfer, temp).await,
+            Err(e) => Err(e),
+        };
+
+        match &result {
+            Ok(last_source) => {
+                let bytes = tx.borrow().written;
+                let seconds = started.elapsed().as_secs_f64();
+                let rate_mib_s = bytes as f64 / seconds.max(1e-6) / (1024.0 * 1024.0);
+                Stats::bump(&self.stats.fills_completed);
+                info!(bundle.id = %id, bytes, upstream.url = %last_source, seconds,
+                    rate_mib_s = format!("{rate_mib_s:.1}"), "fill complete");
+            }
+            Err(FillError::Integrity { .. }) => Stats::bump(&self.stats.fills_failed),
+            Err(e @ FillError::NotFound { .. }) => {
+                Stats::bump(&self.stats.fills_failed);
+                debug!(bundle.id = %id, error = %e, "fill found nothing");
+            }
+            Err(e) => {
+                Stats::bump(&self.stats.fills_failed);
+                warn!(bundle.id = %id, error = %e, "fill failed");
+            }
+        }
+
+        // Remove the registry entry before announcing the outcome: a request that sees the
+        // outcome and asks again must find the cached file or start afresh, not rejoin.
+        self.running
+            .lock()
+            .expect("fill registry lock is never poisoned")
+            .remove(&id);
+        let retry = matches!(result, Err(FillError::Integrity { .. }))
+            && self.upstream.has_unpenalized_source(&id);
+        tx.send_modify(|s| s.outcome = Some(result.map(|_| ())));
+
+        if retry {
+            info!(bundle.id = %id, "refetching from the next source after failed verification");
+            if let Err(e) = self.join(id) {
+                error!(bundle.id = %id, error = %e, "cannot start refetch");
+            }
+        }
+    }
+
+    /// Pulls the whole body, failing over and resuming across sources. Returns when the
+    /// file holds `total` bytes, or with why no source could finish it.
+    async fn fetch_all(&self, transfer: &mut Transfer<'_>) -> Result<(), FillError> {
+        let id = transfer.id;
+        let sources = self.upstream.sources(&id);
+        if sources.is_empty() {
+            return Err(FillError::NoUpstream { id });
+        }
+
+        let mut failures: Vec<FetchError> = Vec::new();
+        for (n, source) in sources.iter().enumerate() {
+            if n > 0 {
+                Stats::bump(&self.stats.failovers);
+            }
+            match self.fetch_from(source, transfer).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    log_source_failure(&id, source, &e, transfer.written, n + 1 < sources.len());
+                    failures.push(e);
+                }
+            }
+        }
+        Err(summarize(id, &failures))
+    }
+
+    /// Copies what `source` has from the current offset on.
+    async fn fetch_from(&self, source: &Source, t: &mut Transfer<'_>) -> Result<(), FetchError> {
+        Stats::bump(&self.stats.upstream_requests);
+        let opened = self
+            .upstream
+            .open(source, &t.id, t.written, t.total)
+            .await?;
+        t.sources_used.push(source.index);
+        t.last_source = source.label().to_string();
+        if t.total.is_none() {
+            t.total = Some(opened.total);
+            t.tx.send_modify(|s| s.total = Some(opened.total));
+        }
+        t.copy_body(opened, self.upstream.stall_timeout()).await
+    }
+
+    /// Checks the hash; commits the file into the cache when it matches.
+    async fn verify_and_commit(
+        &self,
+        transfer: Transfer<'_>,
+        temp: TempFile,
+    ) -> Result<String, FillError> {
+        let id = transfer.id;
+        let hash = transfer.hasher.finalize();
+        if !id.matches(&hash) {
+            Stats::bump(&self.stats.integrity_failures);
+            for &source in &transfer.sources_used {
+                self.upstream.penalize(source, &id);
+            }
+            error!(bundle.id = %id, upstream.url = %transfer.last_source, actual = %hash.to_hex(),
+                "integrity failure: content does not match its id; nothing cached");
+            return Err(FillError::Integrity {
+                id,
+                actual: hash.to_hex().to_string(),
+            });
+        }
+
+        let cache = self.cache.clone();
+        let local = |message: String| FillError::Local { id, message };
+        tokio::task::spawn_blocking(move || cache.commit(temp, &id))
+            .await
+            .map_err(|e| local(e.to_string()))?
+            .map_err(|e| local(e.to_string()))?;
+        Ok(transfer.last_source)
+    }
+}
+
+/// The state of one fill's transfer as it moves between sources.
+struct Transfer<'a> {
+    id: BundleId,
+    file: Arc<File>,
+    tx: &'a watch::Sender<FillState>,
+    stats: &'a Stats,
+    hasher: blake3::Hasher,
+    written: u64,
+    total: Option<u64>,
+    /// Sources that contributed bytes, blamed together if the hash does not match.
+    sources_used: Vec<usize>,
+    last_source: String,
+}
+
+impl<'a> Transfer<'a> {
+    fn new(
+        id: BundleId,
+        temp: &TempFile,
+        tx: &'a watch::Sender<FillState>,
+        stats: &'a Stats,
+    ) -> Self {
+        Self {
+            id,
+            file: temp.file().clone(),
+            tx,
+            stats,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            total: None,
+            sources_used: Vec::new(),
+            last_source: String::new(),
+        }
+    }
+
+    /// Streams `opened` into the file until the body ends. Data is gathered up to
+    /// [`WRITE_CHUNK`] and written whenever the upstream has nothing more ready, so followers
+    /// see bytes as soon as they arrive without a write per network frame.
+    async fn copy_body(
+        &mut self,
+        opened: Opened,
+        stall: std::time::Duration,
+    ) -> Result<(), FetchError> {
+        let Opened {
+            mut body,
+            url,
+            total,
+        } = opened;
+        let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+        let mut ready: Option<Option<Result<Frame<Bytes>, hyper::Error>>> = None;
+
+        loop {
+            let next = match ready.take() {
+                Some(next) => next,
+                None => {
+                    self.flush(&mut buf, &url).await?;
+                    match tokio::time::timeout(stall, body.frame()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            let offset = self.written;
+                            return Err(FetchError::Stalled {
+                                url,
+                                after: stall,
+                                offset,
+                            });
+                        }
+                    }
+                }
+            };
+
+            match next {
+                None => {
+                    self.flush(&mut buf, &url).await?;
+                    return self.check_complete(total, &url);
+                }
+                Some(Err(e)) => {
+                    // Bytes that arrived before the error are good; keep them for the resume.
+                    self.flush(&mut buf, &url).await?;
+                    return Err(FetchError::Transport {
+                        url,
+                        message: format!("body: {e}"),
+                    });
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if self.written + (buf.len() + data.len()) as u64 > total {
+                            let message = "sent more bytes than its length".to_string();
+                            return Err(FetchError::Protocol { url, message });
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                    if buf.len() >= WRITE_CHUNK {
+                        self.flush(&mut buf, &url).await?;
+                    }
+                    ready = next_frame_if_ready(&mut body);
+                }
+            }
+        }
+    }
+
+    fn check_complete(&self, total: u64, url: &str) -> Result<(), FetchError> {
+        if self.written == total {
+            return Ok(());
+        }
+        let message = format!("body ended at {} of {total} bytes", self.written);
+        Err(FetchError::Transport {
+            url: url.to_string(),
+            message,
+        })
+    }
+
+    /// Writes and hashes the gathered bytes, then tells followers.
+    async fn flush(&mut self, buf: &mut BytesMut, url: &str) -> Result<(), FetchError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let data = buf.split().freeze();
+        let len = data.len() as u64;
+        let offset = self.written;
+        let file = self.file.clone();
+        let mut hasher = std::mem::take(&mut self.hasher);
+
+        let joined = tokio::task::spawn_blocking(move || {
+            file.write_all_at(&data, offset)?;
+            hasher.update(&data);
+            Ok::<_, std::io::Error>(hasher)
+        })
+        .await;
+        // A local write failure is not the source's fault, but it ends this transfer all
+        // the same; the fill reports it when no source can finish.
+        let local = |message: String| FetchError::Transport {
+            url: url.to_string(),
+            message,
+        };
+        self.hasher = joined
+            .map_err(|e| local(e.to_string()))?
+            .map_err(|e| local(format!("cache write failed: {e}")))?;
+
+        self.written += len;
+        self.stats
+            .upstream_bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        let written = self.written;
+        self.tx.send_modify(|s| s.written = written);
+        Ok(())
+    }
+}
+
+/// Polls the body once: the next frame if it is already here, `None` if we would wait.
+fn next_frame_if_ready(body: &mut Incoming) -> Option<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    // Dropping a pending `frame()` future loses nothing: it only polls the body.
+    body.frame().now_or_never()
+}
+
+fn log_source_failure(id: &BundleId, source: &Source, e: &FetchError, offset: u64, more: bool) {
+    match (e, more) {
+        (FetchError::NotFound { .. }, _) => {
+            debug!(bundle.id = %id, upstream.url = %source.label(), "source does not have it");
+        }
+        (_, true) => warn!(bundle.id = %id, upstream.url = %source.label(), error = %e, offset,
+            "upstream failed; failing over to the next source"),
+        (_, false) => warn!(bundle.id = %id, upstream.url = %source.label(), error = %e, offset,
+            "upstream failed; no source left"),
+    }
+}
+
+/// One error for a fill that no source could finish.
+fn summarize(id: BundleId, failures: &[FetchError]) -> FillError {
+    if failures
+        .iter()
+        .all(|f| matches!(f, FetchError::NotFound { .. }))
+    {
+        return FillError::NotFound { id };
+    }
+    let last = failures
+        .iter()
+        .rev()
+        .find(|f| !matches!(f, FetchError::NotFound { .. }))
+        .map_or_else(String::new, ToString::to_string);
+    let timeout = failures
+        .iter()
+        .filter(|f| !matches!(f, FetchError::NotFound { .. }))
+        .all(FetchError::is_timeout);
+    FillError::Upstream { id, timeout, last }
+}

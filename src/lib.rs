@@ -1,0 +1,31 @@
+//! patchrelay: a relay that caches and serves content-addressed software patch bundles.
+//!
+//! Relays form a tree: each fetches what it lacks from its parents (or, at the root, an
+//! origin), verifies every byte against the bundle's BLAKE3 id, and serves its site's
+//! agents from its cache. Map of the modules, following one request:
+//!
+//! - [`server`]: the listener, routing and the bundle handler; errors become responses
+//!   there and nowhere else.
+//! - [`bundle`]: the bundle id type.  [`range`]: the `Range` header.
+//! - [`cache`]: the on-disk layout of complete bundles and in-progress fills.
+//! - [`fill`]: one upstream transfer per missing bundle, followed by every request for it.
+//! - [`body`]: response bodies streaming from a cached or still-filling file.
+//! - [`upstream`]: parents, origin, failover order and the HTTP client.
+//! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
+//! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
+//! - [`cli`]: the command line.
+
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod bundle;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod fill;
+pub mod publish;
+pub mod range;
+pub mod relay;
+pub mod server;
+pub mod stats;
+pub mod upstream;

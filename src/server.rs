@@ -1,0 +1,473 @@
+//! The HTTP side: the accept loop, routing, the bundle handler, and the one place where
+//! errors become responses.
+//!
+//! Requests go through a tower service (so limits and metrics can be layered on) adapted
+//! to hyper with `hyper_util::service::TowerToHyperService`. Each connection runs in its
+//! own task; shutdown stops accepting, lets running responses finish within the grace
+//! period, then cuts what is left.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{
+    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, IF_RANGE, RANGE,
+};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::body::{self, Progress, ResponseBody};
+use crate::bundle::{BundleId, BundleIdError};
+use crate::cache::Cache;
+use crate::fill::{FillError, Fills, Joined};
+use crate::range::{self, ByteRange, RangeError};
+use crate::stats::Stats;
+
+/// Response header naming the relay that answered.
+pub const RELAY_HEADER: &str = "x-patchrelay-relay";
+/// Response header saying how a bundle was served: `hit`, `miss` or `joined`.
+pub const CACHE_HEADER: &str = "x-patchrelay-cache";
+
+/// What every request handler can reach.
+#[derive(Debug)]
+pub struct AppState {
+    pub relay_id: String,
+    relay_id_header: HeaderValue,
+    pub cache: Arc<Cache>,
+    pub fills: Arc<Fills>,
+    pub stats: Arc<Stats>,
+}
+
+impl AppState {
+    pub fn new(relay_id: &str, cache: Arc<Cache>, fills: Arc<Fills>, stats: Arc<Stats>) -> Self {
+        let relay_id_header =
+            HeaderValue::from_str(relay_id).expect("config validation keeps relay ids header-safe");
+        Self {
+            relay_id: relay_id.to_string(),
+            relay_id_header,
+            cache,
+            fills,
+            stats,
+        }
+    }
+}
+
+/// Why a request could not be answered as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid bundle id: {0}")]
+    BadId(#[from] BundleIdError),
+    #[error(transparent)]
+    BadRange(#[from] RangeError),
+    #[error("range not satisfiable: the bundle has {len} bytes")]
+    Unsatisfiable { len: u64 },
+    #[error("no such path: {path}")]
+    NoRoute { path: String },
+    #[error("method {method} is not allowed here; use GET or HEAD")]
+    Method { method: Method },
+    #[error(transparent)]
+    Fill(#[from] FillError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    relay: &'a str,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadId(_) | Self::BadRange(_) => StatusCode::BAD_REQUEST,
+            Self::Unsatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Fill(FillError::NotFound { .. } | FillError::NoUpstream { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Fill(FillError::Upstream { timeout: true, .. }) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Fill(FillError::Upstream { .. } | FillError::Integrity { .. }) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::Fill(FillError::Local { .. }) | Self::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// The short, stable message a client sees. Upstream and local details stay in the log.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Fill(FillError::NotFound { id } | FillError::NoUpstream { id }) => {
+                format!("bundle {id} not found")
+            }
+            Self::Fill(FillError::Upstream {
+                id, timeout: true, ..
+            }) => {
+                format!("upstream timed out fetching bundle {id}")
+            }
+            Self::Fill(FillError::Upstream { id, .. }) => {
+                format!("upstream failed for bundle {id}")
+            }
+            Self::Fill(FillError::Integrity { id, .. }) => {
+                format!("bundle {id} failed verification; retry shortly")
+            }
+            Self::Fill(FillError::Local { .. }) | Self::Internal(_) => "internal error".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The error response: status, JSON body, and the headers the status calls for.
+    fn into_response(self, relay_id: &str) -> Response<ResponseBody> {
+        let status = self.status();
+        if status.is_server_error() {
+            warn!(error = %self, http.status = status.as_u16(), "request failed");
+        } else {
+            debug!(error = %self, http.status = status.as_u16(), "request refused");
+        }
+
+        let message = self.public_message();
+        let json = serde_json::to_vec(&ErrorBody {
+            error: &message,
+            relay: relay_id,
+        })
+        .expect("a struct of two strings always serializes");
+        let mut builder = Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_LENGTH, json.len());
+        match &self {
+            Self::Unsatisfiable { len } => {
+                builder = builder.header(CONTENT_RANGE, format!("bytes */{len}"))
+            }
+            Self::Method { .. } => builder = builder.header(ALLOW, "GET, HEAD"),
+            _ => {}
+        }
+        builder
+            .body(body::full(json))
+            .expect("error responses use valid headers")
+    }
+}
+
+/// Handles one request; never fails, since errors become responses here.
+pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let mut response = match route(&state, &request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(&state.relay_id),
+    };
+    response
+        .headers_mut()
+        .insert(RELAY_HEADER, state.relay_id_header.clone());
+    debug!(http.method = %request.method(), http.path = %request.uri().path(),
+        http.status = response.status().as_u16(), "request");
+    response
+}
+
+async fn route<B>(
+    state: &AppState,
+    request: &Request<B>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let path = request.uri().path();
+    let Some(id) = path.strip_prefix("/v1/bundles/") else {
+        return Err(ApiError::NoRoute {
+            path: path.to_string(),
+        });
+    };
+    let head = match *request.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        ref method => {
+            return Err(ApiError::Method {
+                method: method.clone(),
+            })
+        }
+    };
+    let id: BundleId = id.parse()?;
+    serve_bundle(state, request.headers(), id, head).await
+}
+
+/// GET or HEAD of one bundle: from the cache, or by starting or joining a fill.
+async fn serve_bundle(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: BundleId,
+    head: bool,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let range = match headers.get(RANGE) {
+        Some(value) if if_range_matches(headers, &id) => range::parse(value.as_bytes())?,
+        _ => None,
+    };
+
+    // The ETag is the content hash, so a client holding this id holds these exact bytes,
+    // whether or not this relay has them yet.
+    if if_none_match_matches(headers, &id) {
+        return Ok(not_modified(&id));
+    }
+
+    if let Some(response) = serve_cached(state, id, range, head).await? {
+        return Ok(response);
+    }
+
+    if !state.fills.has_upstream() {
+        return Err(FillError::NoUpstream { id }.into());
+    }
+    let joined = state.fills.join(id).map_err(|e| {
+        error!(bundle.id = %id, error = %e, "cannot create a temporary file for a fill");
+        ApiError::Internal(e.to_string())
+    })?;
+    let (fill, started) = match joined {
+        Joined::Fill { fill, started } => (fill, started),
+        Joined::Cached => {
+            return serve_cached(state, id, range, head)
+                .await?
+                .ok_or_else(|| ApiError::Internal("committed bundle vanished".into()));
+        }
+    };
+
+    Stats::bump(if started {
+        &state.stats.misses
+    } else {
+        &state.stats.joined
+    });
+    let total = fill.total().await?;
+    if total == 0 {
+        // An empty body has no final byte to hold back: wait for the verdict first.
+        fill.verified().await?;
+    }
+    let status = if started { "miss" } else { "joined" };
+    let progress = Progress::Live(fill.subscribe());
+    bundle_response(&id, fill.file.clone(), total, range, progress, status, head)
+}
+
+async fn serve_cached(
+    state: &AppState,
+    id: BundleId,
+    range: Option<ByteRange>,
+    head: bool,
+) -> Result<Option<Response<ResponseBody>>, ApiError> {
+    let cache = state.cache.clone();
+    let opened = tokio::task::spawn_blocking(move || cache.open_bundle(&id))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| {
+            error!(bundle.id = %id, error = %e, "cannot open cached bundle");
+            ApiError::Internal(e.to_string())
+        })?;
+    let Some((file, len)) = opened else {
+        return Ok(None);
+    };
+
+    Stats::bump(&state.stats.hits);
+    let response = bundle_response(
+        &id,
+        Arc::new(file),
+        len,
+        range,
+        Progress::Complete,
+        "hit",
+        head,
+    )?;
+    Ok(Some(response))
+}
+
+fn bundle_response(
+    id: &BundleId,
+    file: Arc<std::fs::File>,
+    len: u64,
+    range: Option<ByteRange>,
+    progress: Progress,
+    cache_status: &'static str,
+    head: bool,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, len),
+        Some(range) => {
+            let (start, end) = range
+                .resolve(len)
+                .map_err(|_| ApiError::Unsatisfiable { len })?;
+            (StatusCode::PARTIAL_CONTENT, start, end)
+        }
+    };
+
+    let mut builder = Response::builder()
+        .status(status)
+        .header(CONTENT_LENGTH, end - start)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(ETAG, format!("\"{id}\""))
+        .header(ACCEPT_RANGES, "bytes")
+        .header(CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header(CACHE_HEADER, cache_status);
+    if status == StatusCode::PARTIAL_CONTENT {
+        builder = builder.header(CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1));
+    }
+    let body = if head {
+        body::empty()
+    } else {
+        body::file_range(file, start, end, progress)
+    };
+    builder
+        .body(body)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn not_modified(id: &BundleId) -> Response<ResponseBody> {
+    Response::builder()
+        .status(StatusCode::NOT_MODIFIED)
+        .header(ETAG, format!("\"{id}\""))
+        .body(body::empty())
+        .expect("a 304 uses valid headers")
+}
+
+/// `If-None-Match` (RFC 9110 §13.1.2): `*` or a list of entity tags, compared weakly.
+fn if_none_match_matches(headers: &HeaderMap, id: &BundleId) -> bool {
+    let expected = id.to_string();
+    headers
+        .get_all(IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|value| {
+            value
+                .split(',')
+                .map(str::trim)
+                .any(|tag| tag == "*" || tag.trim_start_matches("W/").trim_matches('"') == expected)
+        })
+}
+
+/// `If-Range` (RFC 9110 §13.1.5): the Range applies only when the tag is ours. Absent, it
+/// imposes nothing.
+fn if_range_matches(headers: &HeaderMap, id: &BundleId) -> bool {
+    match headers.get(IF_RANGE).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(value) => value.trim() == format!("\"{id}\""),
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, then drains them for up to `grace`.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let service = TowerToHyperService::new(tower::service_fn(move |request| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(state, request).await) }
+    }));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stop);
+
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off rather than spin.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service.clone());
+                let connection = graceful.watch(connection);
+                connections.spawn(serve_connection(connection, peer));
+                while connections.try_join_next().is_some() {}
+            }
+        }
+    }
+
+    drop(listener);
+    info!(
+        connections = connections.len(),
+        grace_seconds = grace.as_secs(),
+        "draining"
+    );
+    tokio::select! {
+        _ = graceful.shutdown() => info!("all connections finished"),
+        _ = tokio::time::sleep(grace) => {
+            warn!(connections = connections.len(), "grace period over; closing the rest");
+            connections.abort_all();
+        }
+    }
+}
+
+async fn serve_connection<C>(connection: C, peer: SocketAddr)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    let span = tracing::debug_span!("conn", client.addr = %peer);
+    if let Err(e) = connection.instrument(span).await {
+        debug!(client.addr = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn if_none_match_accepts_lists_weak_tags_and_star() {
+        let id = BundleId::of(b"b");
+        let tag = format!("\"{id}\"");
+        assert!(if_none_match_matches(
+            &headers(&[("if-none-match", &tag)]),
+            &id
+        ));
+        assert!(if_none_match_matches(
+            &headers(&[("if-none-match", &format!("\"x\", W/{tag}"))]),
+            &id
+        ));
+        assert!(if_none_match_matches(
+            &headers(&[("if-none-match", "*")]),
+            &id
+        ));
+        assert!(!if_none_match_matches(
+            &headers(&[("if-none-match", "\"other\"")]),
+            &id
+        ));
+        assert!(!if_none_match_matches(&headers(&[]), &id));
+    }
+
+    #[test]
+    fn if_range_with_another_tag_disables_the_range() {
+        let id = BundleId::of(b"b");
+        assert!(if_range_matches(&headers(&[]), &id));
+        assert!(if_range_matches(
+            &headers(&[("if-range", &format!("\"{id}\""))]),
+            &id
+        ));
+        assert!(!if_range_matches(
+            &headers(&[("if-range", "\"stale\"")]),
+            &id
+        ));
+    }
+}

@@ -1,0 +1,70 @@
+//! Counters of what a relay has done, shared by the request path and the fills.
+//!
+//! Plain atomics, read as a [`StatsSnapshot`]. Tests use them to prove coalescing (one
+//! upstream transfer however many clients); the metrics endpoint and beacons will read the
+//! same counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters; every field only ever grows.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bundle requests served from a complete cached file.
+    pub hits: AtomicU64,
+    /// Bundle requests that started a fill.
+    pub misses: AtomicU64,
+    /// Bundle requests that joined a fill already running.
+    pub joined: AtomicU64,
+    /// Fills started (one per upstream transfer of a bundle, however many sources it used).
+    pub fills_started: AtomicU64,
+    /// Fills that ended with a verified bundle in the cache.
+    pub fills_completed: AtomicU64,
+    /// Fills that ended without one.
+    pub fills_failed: AtomicU64,
+    /// HTTP requests sent to parents or the origin.
+    pub upstream_requests: AtomicU64,
+    /// Times a fill left one source for the next.
+    pub failovers: AtomicU64,
+    /// Fills whose content did not hash to the requested id.
+    pub integrity_failures: AtomicU64,
+    /// Body bytes received from upstream.
+    pub upstream_bytes: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    pub joined: u64,
+    pub fills_started: u64,
+    pub fills_completed: u64,
+    pub fills_failed: u64,
+    pub upstream_requests: u64,
+    pub failovers: u64,
+    pub integrity_failures: u64,
+    pub upstream_bytes: u64,
+}
+
+impl Stats {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            hits: get(&self.hits),
+            misses: get(&self.misses),
+            joined: get(&self.joined),
+            fills_started: get(&self.fills_started),
+            fills_completed: get(&self.fills_completed),
+            fills_failed: get(&self.fills_failed),
+            upstream_requests: get(&self.upstream_requests),
+            failovers: get(&self.failovers),
+            integrity_failures: get(&self.integrity_failures),
+            upstream_bytes: get(&self.upstream_bytes),
+        }
+    }
+}

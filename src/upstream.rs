@@ -1,0 +1,422 @@
+//! Upstream: the parents and origin a relay fetches from, and the HTTP client that asks.
+//!
+//! A fill asks [`Upstream::sources`] for the order to try, and [`Upstream::open`] for a
+//! response positioned at a byte offset. `open` checks everything about the answer that
+//! can be checked before the body (status, length, Content-Range), so a parent that
+//! answers a Range request with a whole body, or with a different length than before, is
+//! a failed parent rather than bytes to splice into a bundle.
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE, USER_AGENT};
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::bundle::BundleId;
+use crate::config::{BaseUrl, OriginTemplate, UpstreamConfig};
+use crate::server::RELAY_HEADER;
+
+/// How long a source that delivered corrupt bytes for a bundle goes to the back of the
+/// line for that bundle.
+const INTEGRITY_PENALTY: Duration = Duration::from_secs(600);
+
+/// One place a bundle can be fetched from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Position in the configured order (parents first, then the origin).
+    pub index: usize,
+    kind: SourceKind,
+}
+
+#[derive(Debug, Clone)]
+enum SourceKind {
+    Parent(BaseUrl),
+    Origin(OriginTemplate),
+}
+
+impl Source {
+    /// The URL of bundle `id` at this source.
+    pub fn url_for(&self, id: &BundleId) -> String {
+        match &self.kind {
+            SourceKind::Parent(base) => base.bundle_url(id),
+            SourceKind::Origin(template) => template.url_for(id),
+        }
+    }
+
+    /// A short name for logs: the parent's base URL or the origin template.
+    pub fn label(&self) -> &str {
+        match &self.kind {
+            SourceKind::Parent(base) => base.as_str(),
+            SourceKind::Origin(template) => template.as_str(),
+        }
+    }
+}
+
+/// Why a source could not deliver (part of) a bundle.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("{url}: not found")]
+    NotFound { url: String },
+    #[error("{url}: answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: {message}")]
+    Protocol { url: String, message: String },
+    #[error("{url}: no answer within {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("{url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("{url}: no byte for {after:?} at offset {offset}")]
+    Stalled {
+        url: String,
+        after: Duration,
+        offset: u64,
+    },
+}
+
+impl FetchError {
+    /// Whether the source failed by taking too long (504) rather than by erroring (502).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. } | Self::Stalled { .. })
+    }
+}
+
+/// An upstream answer, checked, with its body positioned at the requested offset.
+#[derive(Debug)]
+pub struct Opened {
+    /// Total length of the bundle.
+    pub total: u64,
+    pub body: Incoming,
+    pub url: String,
+}
+
+/// The configured sources and the client that fetches from them.
+#[derive(Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    sources: Vec<Source>,
+    stall_timeout: Duration,
+    relay_id: String,
+    /// (source index, bundle) pairs that recently failed verification, and since when.
+    penalties: Mutex<HashMap<(usize, BundleId), Instant>>,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, relay_id: &str) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+
+        let parents = config.parents.iter().cloned().map(SourceKind::Parent);
+        let origin = config.origin.iter().cloned().map(SourceKind::Origin);
+        let sources = parents
+            .chain(origin)
+            .enumerate()
+            .map(|(index, kind)| Source { index, kind })
+            .collect();
+        Self {
+            client,
+            sources,
+            stall_timeout: config.stall_timeout,
+            relay_id: relay_id.to_string(),
+            penalties: Mutex::default(),
+        }
+    }
+
+    /// Whether any parent or origin is configured.
+    pub fn has_sources(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    /// The time without a byte after which a source has failed.
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall_timeout
+    }
+
+    /// The sources to try for `id`, in order: configured order, except that sources which
+    /// recently served corrupt bytes for `id` go last.
+    pub fn sources(&self, id: &BundleId) -> Vec<Source> {
+        let penalized = self.penalized(id);
+        let (mut good, bad): (Vec<_>, Vec<_>) = self
+            .sources
+            .iter()
+            .cloned()
+            .partition(|s| !penalized.contains(&s.index));
+        good.extend(bad);
+        good
+    }
+
+    /// Whether some source not recently caught serving corrupt bytes for `id` remains.
+    pub fn has_unpenalized_source(&self, id: &BundleId) -> bool {
+        let penalized = self.penalized(id);
+        self.sources.iter().any(|s| !penalized.contains(&s.index))
+    }
+
+    /// Records that `source` delivered bytes that failed verification for `id`.
+    pub fn penalize(&self, source: usize, id: &BundleId) {
+        let mut penalties = self
+            .penalties
+            .lock()
+            .expect("penalty lock is never poisoned");
+        penalties.insert((source, *id), Instant::now());
+    }
+
+    fn penalized(&self, id: &BundleId) -> Vec<usize> {
+        let mut penalties = self
+            .penalties
+            .lock()
+            .expect("penalty lock is never poisoned");
+        penalties.retain(|_, since| since.elapsed() < INTEGRITY_PENALTY);
+        penalties
+            .keys()
+            .filter(|(_, pid)| pid == id)
+            .map(|(index, _)| *index)
+            .collect()
+    }
+
+    /// Asks `source` for bundle `id` from byte `offset` on. `known_total` is the length an
+    /// earlier source announced; a source that disagrees has failed.
+    pub async fn open(
+        &self,
+        source: &Source,
+        id: &BundleId,
+        offset: u64,
+        known_total: Option<u64>,
+    ) -> Result<Opened, FetchError> {
+        let url = source.url_for(id);
+        let mut request = Request::get(&url)
+            .header(
+                USER_AGENT,
+                concat!("patchrelay/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(RELAY_HEADER, &self.relay_id);
+        if offset > 0 {
+            request = request.header(RANGE, format!("bytes={offset}-"));
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| FetchError::Protocol {
+                url: url.clone(),
+                message: format!("cannot build request: {e}"),
+            })?;
+
+        let response =
+            match tokio::time::timeout(self.stall_timeout, self.client.request(request)).await {
+                Err(_) => {
+                    return Err(FetchError::Timeout {
+                        url,
+                        after: self.stall_timeout,
+                    })
+                }
+                Ok(Err(e)) => return Err(transport_error(url, &e)),
+                Ok(Ok(response)) => response,
+            };
+
+        let total = check_response(&response, offset, known_total)
+            .map_err(|message| classify_status(&url, response.status(), message))?;
+        Ok(Opened {
+            total,
+            body: response.into_body(),
+            url,
+        })
+    }
+}
+
+/// Turns a client error into a [`FetchError`], telling connect timeouts apart.
+fn transport_error(url: String, error: &hyper_util::client::legacy::Error) -> FetchError {
+    let mut source = error.source();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::TimedOut {
+                return FetchError::Timeout {
+                    url,
+                    after: Duration::ZERO,
+                };
+            }
+        }
+        source = err.source();
+    }
+    let message = match error.source() {
+        Some(inner) => format!("{error}: {inner}"),
+        None => error.to_string(),
+    };
+    FetchError::Transport { url, message }
+}
+
+fn classify_status(url: &str, status: StatusCode, message: String) -> FetchError {
+    let url = url.to_string();
+    match status {
+        StatusCode::NOT_FOUND | StatusCode::GONE => FetchError::NotFound { url },
+        s if s.is_success() => FetchError::Protocol { url, message },
+        s => FetchError::Status {
+            url,
+            status: s.as_u16(),
+        },
+    }
+}
+
+/// Checks an answer to a request for the bundle from `offset`; returns the bundle's total
+/// length, or why the answer cannot be used.
+fn check_response<B>(
+    response: &http::Response<B>,
+    offset: u64,
+    known_total: Option<u64>,
+) -> Result<u64, String> {
+    let headers = response.headers();
+    let content_length = match headers.get(CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(parse_u64(v.to_str().ok()).ok_or("unreadable Content-Length")?),
+    };
+
+    let total = match (response.status(), offset) {
+        (StatusCode::OK, 0) => content_length.ok_or("no Content-Length on a bundle")?,
+        (StatusCode::OK, _) => return Err("answered 200 to a Range request".into()),
+        (StatusCode::PARTIAL_CONTENT, _) => {
+            let value = headers.get(CONTENT_RANGE).and_then(|v| v.to_str().ok());
+            let (start, end, total) =
+                parse_content_range(value).ok_or("206 without a valid Content-Range")?;
+            if start != offset || end + 1 != total {
+                return Err(format!(
+                    "Content-Range {start}-{end}/{total} for a request at {offset}-"
+                ));
+            }
+            if content_length.is_some_and(|len| len != total - offset) {
+                return Err("Content-Length disagrees with Content-Range".into());
+            }
+            total
+        }
+        (status, _) => return Err(format!("answered {status}")),
+    };
+
+    if let Some(known) = known_total.filter(|&known| known != total) {
+        return Err(format!("bundle length changed from {known} to {total}"));
+    }
+    Ok(total)
+}
+
+fn parse_u64(s: Option<&str>) -> Option<u64> {
+    let s = s?.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Parses `bytes a-b/total` (RFC 9110 §14.4).
+fn parse_content_range(value: Option<&str>) -> Option<(u64, u64, u64)> {
+    let rest = value?.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (
+        parse_u64(Some(start))?,
+        parse_u64(Some(end))?,
+        parse_u64(Some(total))?,
+    );
+    (start <= end && end < total).then_some((start, end, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, headers: &[(&str, &str)]) -> http::Response<()> {
+        let mut builder = http::Response::builder().status(status);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn whole_answer_needs_a_length() {
+        assert_eq!(
+            check_response(&response(200, &[("content-length", "10")]), 0, None),
+            Ok(10)
+        );
+        assert!(check_response(&response(200, &[]), 0, None).is_err());
+        assert!(check_response(&response(200, &[("content-length", "-1")]), 0, None).is_err());
+    }
+
+    #[test]
+    fn resumed_answer_must_be_a_matching_partial() {
+        let ok = response(
+            206,
+            &[("content-range", "bytes 4-9/10"), ("content-length", "6")],
+        );
+        assert_eq!(check_response(&ok, 4, Some(10)), Ok(10));
+
+        let whole = response(200, &[("content-length", "10")]);
+        assert!(check_response(&whole, 4, Some(10))
+            .unwrap_err()
+            .contains("200 to a Range"));
+
+        let shifted = response(206, &[("content-range", "bytes 3-9/10")]);
+        assert!(check_response(&shifted, 4, Some(10)).is_err());
+
+        let short = response(206, &[("content-range", "bytes 4-8/10")]);
+        assert!(check_response(&short, 4, Some(10)).is_err());
+
+        let other_length = response(206, &[("content-range", "bytes 4-10/11")]);
+        assert!(check_response(&other_length, 4, Some(10))
+            .unwrap_err()
+            .contains("changed"));
+
+        let lying_length = response(
+            206,
+            &[("content-range", "bytes 4-9/10"), ("content-length", "9")],
+        );
+        assert!(check_response(&lying_length, 4, Some(10)).is_err());
+    }
+
+    #[test]
+    fn content_range_parser_rejects_nonsense() {
+        assert_eq!(parse_content_range(Some("bytes 0-0/1")), Some((0, 0, 1)));
+        for bad in [
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "bytes */10",
+            "items 0-1/2",
+            "bytes +1-2/3",
+        ] {
+            assert_eq!(parse_content_range(Some(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sources_put_penalized_ones_last() {
+        let config = UpstreamConfig {
+            parents: vec![],
+            origin: None,
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+        };
+        let mut upstream = Upstream::new(&config, "r");
+        upstream.sources = (0..3)
+            .map(|index| Source {
+                index,
+                kind: SourceKind::Origin(OriginTemplate::for_tests(&format!(
+                    "http://s{index}/{{id}}"
+                ))),
+            })
+            .collect();
+        let id = BundleId::of(b"x");
+        upstream.penalize(0, &id);
+        let order: Vec<_> = upstream.sources(&id).iter().map(|s| s.index).collect();
+        assert_eq!(order, [1, 2, 0]);
+        let other = BundleId::of(b"y");
+        let order: Vec<_> = upstream.sources(&other).iter().map(|s| s.index).collect();
+        assert_eq!(order, [0, 1, 2]);
+        assert!(upstream.has_unpenalized_source(&id));
+    }
+}
