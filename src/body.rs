@@ -3,10 +3,13 @@
 //! A body reads the shared file with positioned reads on the blocking pool, one bounded
 //! chunk at a time, so memory per download is a chunk whatever the bundle size or the
 //! client's speed. Following a fill, it reads up to the length the fill has published and
-//! waits for more. It holds back the final byte of its range until the fill has verified
-//! the whole bundle: a client can then never receive a complete response of unverified
-//! bytes, because on a failed fill the body ends in an error and the connection is
-//! aborted.
+//! waits for more.
+//!
+//! It never sends the bundle's final byte before the fill has verified the whole bundle,
+//! and a failed fill ends the body in an error, which aborts the connection. So no client
+//! ever holds a complete response of unverified bytes. A range that ends earlier in the
+//! bundle is sent as soon as its bytes have arrived: a part of a bundle cannot be checked
+//! against a hash of the whole, so waiting would delay it without making it safer.
 
 use std::fs::File;
 use std::io;
@@ -116,8 +119,9 @@ impl RangeReader {
                 match &state.outcome {
                     Some(Ok(())) => None,
                     Some(Err(e)) => return Err(io::Error::other(e.to_string())),
-                    // The final byte waits for verification (see the module docs).
-                    None => Some(state.written.min(self.end - 1)),
+                    // The bundle's final byte waits for verification (see the module docs).
+                    None if state.total == Some(self.end) => Some(state.written.min(self.end - 1)),
+                    None => Some(state.written.min(self.end)),
                 }
             };
             match limit {

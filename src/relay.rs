@@ -126,6 +126,16 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// Stops at once, as if the process were killed: connections are cut mid-response and
+    /// running fills are abandoned (their temporary files are removed). For failure drills
+    /// and tests; [`Relay::shutdown`] is the orderly way.
+    pub fn abort(self) {
+        self.server.abort();
+        self.state.fills.abort_all();
+    }
+}
+
 /// Runs a relay until SIGTERM or Ctrl-C, then shuts it down gracefully.
 pub async fn serve(config: &Config) -> Result<(), StartError> {
     let relay = Relay::start(config).await?;
