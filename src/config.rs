@@ -429,7 +429,7 @@ stall_timeout = "1m"
         let text = GOOD.replace("stall_timeout = \"1m\"", "stall_timeout = \"soon\"");
         let err = error_text(&text);
         assert!(
-            err.starts_with("relay.toml:14: upstream.stall_timeout:"),
+            err.starts_with("relay.toml:13: upstream.stall_timeout:"),
             "{err}"
         );
         assert!(err.contains("soon"), "{err}");
@@ -490,7 +490,7 @@ stall_timeout = "1m"
 
     #[test]
     fn relay_id_alphabet_is_enforced() {
-        let err = error_text(&GOOD.replace("branch-7", "branch 7\r\nX: y"));
+        let err = error_text(&GOOD.replace("branch-7", r"branch 7\r\nX: y"));
         assert!(err.contains("relay.id"), "{err}");
     }
 
@@ -501,12 +501,5 @@ stall_timeout = "1m"
             err.contains("upstream.connect_timeout: must be longer than zero"),
             "{err}"
         );
-    }
-}
-
-#[cfg(test)]
-impl OriginTemplate {
-    pub(crate) fn for_tests(template: &str) -> Self {
-        Self(template.to_string())
     }
 }

@@ -398,6 +398,7 @@ pub async fn run(
     }
 
     drop(listener);
+    while connections.try_join_next().is_some() {}
     info!(
         connections = connections.len(),
         grace_seconds = grace.as_secs(),

@@ -395,21 +395,19 @@ mod tests {
 
     #[test]
     fn sources_put_penalized_ones_last() {
-        let config = UpstreamConfig {
-            parents: vec![],
-            origin: None,
-            connect_timeout: Duration::from_secs(1),
-            stall_timeout: Duration::from_secs(1),
-        };
-        let mut upstream = Upstream::new(&config, "r");
-        upstream.sources = (0..3)
-            .map(|index| Source {
-                index,
-                kind: SourceKind::Origin(OriginTemplate::for_tests(&format!(
-                    "http://s{index}/{{id}}"
-                ))),
-            })
-            .collect();
+        let text = r#"
+            [relay]
+            id = "r"
+            site = "s"
+            listen = "127.0.0.1:0"
+            cache_dir = "c"
+            [upstream]
+            parents = ["http://p0", "http://p1"]
+            origin = "http://o/{id}"
+        "#;
+        let config = crate::config::Config::parse(text, "t.toml", std::path::Path::new("."))
+            .expect("valid config");
+        let upstream = Upstream::new(&config.upstream, "r");
         let id = BundleId::of(b"x");
         upstream.penalize(0, &id);
         let order: Vec<_> = upstream.sources(&id).iter().map(|s| s.index).collect();

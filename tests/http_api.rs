@@ -6,12 +6,18 @@ use patchrelay::bundle::BundleId;
 use support::*;
 
 /// A root relay with one bundle cached (fetched once from a mock origin).
-async fn relay_with_bundle(dir: &std::path::Path) -> (patchrelay::relay::Relay, MockUpstream, Vec<u8>, BundleId) {
+async fn relay_with_bundle(
+    dir: &std::path::Path,
+) -> (patchrelay::relay::Relay, MockUpstream, Vec<u8>, BundleId) {
     let origin = MockUpstream::start(Behavior::Normal).await;
     let data = content(100_000, 7);
     let id = origin.add(&data);
     let relay = start_relay("api", dir, &[], Some(&origin.origin_template())).await;
-    let warm = within(20, TestClient::default().get(&bundle_url(&url_of(&relay), &id))).await;
+    let warm = within(
+        20,
+        TestClient::default().get(&bundle_url(&url_of(&relay), &id)),
+    )
+    .await;
     assert_eq!(warm.bytes(), &data[..]);
     (relay, origin, data, id)
 }
@@ -35,12 +41,22 @@ async fn byte_ranges_at_every_position() {
     for (range, start, end) in cases {
         let got = client.send("GET", &url, &[("range", range)]).await;
         assert_eq!(got.status, 206, "{range}");
-        assert_eq!(got.header("content-range"), Some(format!("bytes {start}-{}/100000", end - 1).as_str()), "{range}");
-        assert_eq!(got.header("content-length"), Some((end - start).to_string().as_str()), "{range}");
+        assert_eq!(
+            got.header("content-range"),
+            Some(format!("bytes {start}-{}/100000", end - 1).as_str()),
+            "{range}"
+        );
+        assert_eq!(
+            got.header("content-length"),
+            Some((end - start).to_string().as_str()),
+            "{range}"
+        );
         assert_eq!(got.bytes(), &data[start..end], "{range}");
     }
 
-    let whole_suffix = client.send("GET", &url, &[("range", "bytes=-200000")]).await;
+    let whole_suffix = client
+        .send("GET", &url, &[("range", "bytes=-200000")])
+        .await;
     assert_eq!(whole_suffix.status, 206);
     assert_eq!(whole_suffix.bytes(), &data[..]);
     relay.shutdown().await;
@@ -56,7 +72,11 @@ async fn unsatisfiable_range_is_416_with_the_length() {
     for range in ["bytes=100000-", "bytes=200000-300000", "bytes=-0"] {
         let got = client.send("GET", &url, &[("range", range)]).await;
         assert_eq!(got.status, 416, "{range}");
-        assert_eq!(got.header("content-range"), Some("bytes */100000"), "{range}");
+        assert_eq!(
+            got.header("content-range"),
+            Some("bytes */100000"),
+            "{range}"
+        );
         assert_eq!(got.json()["relay"], "api");
     }
     relay.shutdown().await;
@@ -94,12 +114,22 @@ async fn if_none_match_gives_304_and_if_range_guards_the_range() {
     assert_eq!(not_modified.header("etag"), Some(etag.as_str()));
     assert!(not_modified.bytes().is_empty());
 
-    let other = client.send("GET", &url, &[("if-none-match", "\"something-else\"")]).await;
+    let other = client
+        .send("GET", &url, &[("if-none-match", "\"something-else\"")])
+        .await;
     assert_eq!(other.status, 200);
 
-    let guarded = client.send("GET", &url, &[("range", "bytes=0-9"), ("if-range", &etag)]).await;
+    let guarded = client
+        .send("GET", &url, &[("range", "bytes=0-9"), ("if-range", &etag)])
+        .await;
     assert_eq!(guarded.status, 206);
-    let stale = client.send("GET", &url, &[("range", "bytes=0-9"), ("if-range", "\"old\"")]).await;
+    let stale = client
+        .send(
+            "GET",
+            &url,
+            &[("range", "bytes=0-9"), ("if-range", "\"old\"")],
+        )
+        .await;
     assert_eq!(stale.status, 200);
     assert_eq!(stale.bytes(), &data[..]);
     relay.shutdown().await;
@@ -109,7 +139,9 @@ async fn if_none_match_gives_304_and_if_range_guards_the_range() {
 async fn head_has_the_headers_and_no_body() {
     let dir = tempfile::tempdir().unwrap();
     let (relay, _origin, _data, id) = relay_with_bundle(dir.path()).await;
-    let got = TestClient::default().send("HEAD", &bundle_url(&url_of(&relay), &id), &[]).await;
+    let got = TestClient::default()
+        .send("HEAD", &bundle_url(&url_of(&relay), &id), &[])
+        .await;
     assert_eq!(got.status, 200);
     assert_eq!(got.header("content-length"), Some("100000"));
     assert_eq!(got.header("accept-ranges"), Some("bytes"));
@@ -147,13 +179,21 @@ async fn bad_ids_are_400_with_a_json_error() {
     let client = TestClient::default();
     let upper = BundleId::of(b"x").to_string().to_uppercase();
 
-    for bad in ["abc", upper.as_str(), "..%2F..%2Fetc%2Fpasswd", &"g".repeat(64)] {
+    for bad in [
+        "abc",
+        upper.as_str(),
+        "..%2F..%2Fetc%2Fpasswd",
+        &"g".repeat(64),
+    ] {
         let got = client.get(&format!("{base}/v1/bundles/{bad}")).await;
         assert_eq!(got.status, 400, "{bad}");
         assert_eq!(got.header("content-type"), Some("application/json"));
         let json = got.json();
         assert_eq!(json["relay"], "api");
-        assert!(json["error"].as_str().unwrap().contains("bundle id"), "{bad}");
+        assert!(
+            json["error"].as_str().unwrap().contains("bundle id"),
+            "{bad}"
+        );
     }
     relay.shutdown().await;
 }
@@ -162,7 +202,13 @@ async fn bad_ids_are_400_with_a_json_error() {
 async fn unknown_bundle_is_404_whether_or_not_there_is_an_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let origin = MockUpstream::start(Behavior::Normal).await;
-    let with_origin = start_relay("with-origin", dir.path(), &[], Some(&origin.origin_template())).await;
+    let with_origin = start_relay(
+        "with-origin",
+        dir.path(),
+        &[],
+        Some(&origin.origin_template()),
+    )
+    .await;
     let without = start_relay("alone", dir.path(), &[], None).await;
     let id = BundleId::of(b"never published");
     let client = TestClient::default();

@@ -32,8 +32,15 @@ async fn cold_fetch_through_three_tiers_returns_verified_bytes() {
 
     // Each tier now holds the verified bundle, and a second request is a hit.
     for tier in ["root", "mid", "leaf"] {
-        assert!(cached(dir.path(), tier, &id), "{tier} should have cached the bundle");
-        assert_eq!(temp_files(dir.path(), tier), 0, "{tier} left temporary files");
+        assert!(
+            cached(dir.path(), tier, &id),
+            "{tier} should have cached the bundle"
+        );
+        assert_eq!(
+            temp_files(dir.path(), tier),
+            0,
+            "{tier} left temporary files"
+        );
     }
     let second = within(20, client.get(&bundle_url(&url_of(&leaf), &id))).await;
     assert_eq!(second.header("x-patchrelay-cache"), Some("hit"));
@@ -77,16 +84,29 @@ async fn hundred_concurrent_clients_cause_one_transfer_per_tier() {
     }
     assert!(joined > 0, "no client joined the running fill");
 
-    assert_eq!(origin.requests(), 1, "origin should serve the bundle exactly once");
+    assert_eq!(
+        origin.requests(),
+        1,
+        "origin should serve the bundle exactly once"
+    );
     for (name, relay) in [("leaf", &leaf), ("mid", &mid), ("root", &root)] {
         let stats = relay.stats();
         assert_eq!(stats.fills_started, 1, "{name} started more than one fill");
-        assert_eq!(stats.upstream_requests, 1, "{name} asked upstream more than once");
+        assert_eq!(
+            stats.upstream_requests, 1,
+            "{name} asked upstream more than once"
+        );
         assert_eq!(stats.fills_completed, 1, "{name} did not complete its fill");
     }
     // The mid and root tiers were asked exactly once each, by the tier below.
-    assert_eq!(mid.stats().misses + mid.stats().joined + mid.stats().hits, 1);
-    assert_eq!(root.stats().misses + root.stats().joined + root.stats().hits, 1);
+    assert_eq!(
+        mid.stats().misses + mid.stats().joined + mid.stats().hits,
+        1
+    );
+    assert_eq!(
+        root.stats().misses + root.stats().joined + root.stats().hits,
+        1
+    );
 
     for relay in [leaf, mid, root] {
         relay.shutdown().await;
@@ -112,12 +132,23 @@ async fn a_joined_client_gets_what_is_on_disk_at_once_and_ranges_are_served_mid_
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // A range inside what has already arrived completes while the fill is still running.
-    let early = within(20, client.send("GET", &url, &[("range", "bytes=1000-1999")])).await;
+    let early = within(
+        20,
+        client.send("GET", &url, &[("range", "bytes=1000-1999")]),
+    )
+    .await;
     assert_eq!(early.status, 206);
     assert_eq!(early.header("x-patchrelay-cache"), Some("joined"));
-    assert_eq!(early.header("content-range"), Some("bytes 1000-1999/4194304"));
+    assert_eq!(
+        early.header("content-range"),
+        Some("bytes 1000-1999/4194304")
+    );
     assert_eq!(early.bytes(), &data[1000..2000]);
-    assert_eq!(relay.running_fills(), 1, "the range should be served before the fill ends");
+    assert_eq!(
+        relay.running_fills(),
+        1,
+        "the range should be served before the fill ends"
+    );
 
     let first = within(30, first).await.unwrap();
     assert_eq!(first.bytes(), &data[..]);

@@ -29,10 +29,14 @@ use tokio::task::JoinHandle;
 
 /// Deterministic pseudo-random content of `len` bytes, different for each `seed`.
 pub fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u8
         })
         .collect()
@@ -82,7 +86,9 @@ impl MockUpstream {
 
     /// A mock that sends `chunk_size` bytes every `chunk_delay`.
     pub async fn start_paced(behavior: Behavior, chunk_size: usize, chunk_delay: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock upstream");
         let addr = listener.local_addr().expect("mock address");
         let state = Arc::new(MockState {
             bundles: Mutex::default(),
@@ -99,7 +105,11 @@ impl MockUpstream {
     /// Adds a bundle and returns its id.
     pub fn add(&self, content: &[u8]) -> BundleId {
         let id = BundleId::of(content);
-        self.state.bundles.lock().unwrap().insert(id.to_string(), Bytes::copy_from_slice(content));
+        self.state
+            .bundles
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), Bytes::copy_from_slice(content));
         id
     }
 
@@ -137,14 +147,18 @@ impl Drop for MockUpstream {
 async fn accept_loop(listener: TcpListener, state: Arc<MockState>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             async move { Ok::<_, Infallible>(mock_response(&state, req)) }
         });
         connections.spawn(async move {
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -153,7 +167,11 @@ type MockBody = BoxBody<Bytes, std::io::Error>;
 
 fn mock_response(state: &MockState, req: Request<Incoming>) -> Response<MockBody> {
     state.requests.fetch_add(1, Ordering::SeqCst);
-    let range = req.headers().get("range").and_then(|v| v.to_str().ok()).map(String::from);
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     state.ranges.lock().unwrap().push(range.clone());
 
     let path = req.uri().path();
@@ -182,7 +200,10 @@ fn mock_response(state: &MockState, req: Request<Incoming>) -> Response<MockBody
         Some(start) if state.behavior != Behavior::IgnoreRange => Response::builder()
             .status(StatusCode::PARTIAL_CONTENT)
             .header("content-length", total - start)
-            .header("content-range", format!("bytes {start}-{}/{total}", total - 1))
+            .header(
+                "content-range",
+                format!("bytes {start}-{}/{total}", total - 1),
+            )
             .body(paced_body(state, data.slice(start..), None))
             .unwrap(),
         _ => {
@@ -225,7 +246,13 @@ fn paced_body(state: &MockState, data: Bytes, cut: Option<(usize, bool)>) -> Moc
                         None
                     }
                     Some(false) => {
-                        Some((Err(std::io::Error::other("killed mid-transfer")), usize::MAX))
+                        // Let the server flush what was sent, as a process that dies
+                        // mid-transfer has put its last bytes on the wire.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Some((
+                            Err(std::io::Error::other("killed mid-transfer")),
+                            usize::MAX,
+                        ))
                     }
                 };
             }
@@ -289,7 +316,9 @@ impl Fetched {
     }
 
     pub fn bytes(&self) -> &[u8] {
-        self.body.as_deref().unwrap_or_else(|e| panic!("body was cut: {e}"))
+        self.body
+            .as_deref()
+            .unwrap_or_else(|e| panic!("body was cut: {e}"))
     }
 
     /// The body parsed as a JSON error document.
@@ -306,7 +335,9 @@ pub struct TestClient {
 
 impl Default for TestClient {
     fn default() -> Self {
-        Self { client: Client::builder(TokioExecutor::new()).build_http() }
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
     }
 }
 
@@ -328,7 +359,11 @@ impl TestClient {
             .await
             .map(|collected| collected.to_bytes().to_vec())
             .map_err(|e| format!("{e:?}"));
-        Fetched { status: parts.status, headers: parts.headers, body }
+        Fetched {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     }
 }
 
@@ -339,16 +374,61 @@ pub fn bundle_url(base: &str, id: &BundleId) -> String {
 
 /// Runs `f` with a timeout so a hung relay fails the test instead of hanging CI.
 pub async fn within<F: std::future::Future>(seconds: u64, f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(seconds), f).await.expect("test step timed out")
+    tokio::time::timeout(Duration::from_secs(seconds), f)
+        .await
+        .expect("test step timed out")
 }
 
 /// Files left in a relay's temporary directory.
 pub fn temp_files(dir: &Path, id: &str) -> usize {
-    std::fs::read_dir(dir.join(format!("{id}-cache/tmp"))).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(dir.join(format!("{id}-cache/tmp")))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Whether a relay has bundle `bundle` in its cache.
 pub fn cached(dir: &Path, id: &str, bundle: &BundleId) -> bool {
     let hex = bundle.to_string();
-    dir.join(format!("{id}-cache/objects/{}/{hex}", &hex[..2])).is_file()
+    dir.join(format!("{id}-cache/objects/{}/{hex}", &hex[..2]))
+        .is_file()
+}
+
+/// A server that accepts connections and never answers.
+pub struct SilentUpstream {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl SilentUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind silent upstream");
+        let addr = listener.local_addr().expect("silent address");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        Self { addr, task }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for SilentUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback URL where nothing listens.
+pub async fn closed_port_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    drop(listener);
+    format!("http://{addr}")
 }

@@ -1,0 +1,192 @@
+//! The binary: publish, serve, config errors and SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use patchrelay::bundle::BundleId;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_patchrelay");
+
+/// A child process that is killed if the test fails before it exits.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+fn write_config(dir: &std::path::Path, listen: &str) -> std::path::PathBuf {
+    let path = dir.join("relay.toml");
+    let text = format!(
+        r#"[relay]
+id = "cli-root"
+site = "hq"
+listen = "{listen}"
+cache_dir = "data/cache"
+shutdown_grace = "5s"
+
+[upstream]
+parents = []
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn publish_prints_ids_and_pins_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:0");
+    let (a, b) = (content(10_000, 41), content(20_000, 42));
+    std::fs::write(dir.path().join("a.msu"), &a).unwrap();
+    std::fs::write(dir.path().join("b.msu"), &b).unwrap();
+
+    let out = Command::new(BIN)
+        .args(["publish", "-c"])
+        .arg(&config)
+        .arg(dir.path().join("a.msu"))
+        .arg(dir.path().join("b.msu"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("{}  10000  ", BundleId::of(&a))),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{}  20000  ", BundleId::of(&b))),
+        "{stdout}"
+    );
+
+    let cache = dir.path().join("data/cache");
+    for id in [BundleId::of(&a), BundleId::of(&b)] {
+        assert!(
+            cache.join("pins").join(id.to_string()).is_file(),
+            "{id} not pinned"
+        );
+    }
+}
+
+#[test]
+fn publish_of_a_missing_file_fails_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:0");
+    let out = Command::new(BIN)
+        .args(["publish", "-c"])
+        .arg(&config)
+        .arg("/no/such.msu")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such.msu"));
+}
+
+#[test]
+fn config_errors_name_file_and_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[relay]\nid = \"x\"\nsite = \"s\"\nlisten = \"nowhere\"\ncache_dir = \"c\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:4: relay.listen:", path.display())),
+        "{stderr}"
+    );
+
+    let missing = Command::new(BIN)
+        .args(["serve", "-c", "/no/relay.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/relay.toml"));
+}
+
+#[test]
+fn checked_in_example_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml");
+    let config = patchrelay::config::Config::load(&path).expect("relay.toml is valid");
+    assert!(config.is_root());
+    assert_eq!(config.relay.listen.to_string(), "127.0.0.1:7420");
+}
+
+#[tokio::test]
+async fn serve_answers_published_bundles_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:0");
+    let data = content(30_000, 43);
+    std::fs::write(dir.path().join("p.msu"), &data).unwrap();
+    let published = Command::new(BIN)
+        .args(["publish", "-c"])
+        .arg(&config)
+        .arg(dir.path().join("p.msu"))
+        .output()
+        .unwrap();
+    assert!(published.status.success());
+
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start_line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("relay logs a start line");
+    assert!(start_line.contains("relay started"), "{start_line}");
+    assert!(start_line.contains("cache.bundles=1"), "{start_line}");
+    let listen = start_line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))
+        .expect("start line names the listen address");
+
+    let id = BundleId::of(&data);
+    let got = within(
+        20,
+        TestClient::default().get(&bundle_url(&format!("http://{listen}"), &id)),
+    )
+    .await;
+    assert_eq!(got.header("x-patchrelay-cache"), Some("hit"));
+    assert_eq!(got.bytes(), &data[..]);
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = within(20, tokio::task::spawn_blocking(move || child.0.wait()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
