@@ -222,41 +222,82 @@ impl Fills {
     async fn run(self: Arc<Self>, id: BundleId, temp: TempFile, tx: watch::Sender<FillState>) {
         let started = Instant::now();
         let mut transfer = Transfer::new(id, &temp, &tx, &self.stats);
-        let result = self.fetch_all(&mut transfer).await;
-        let result = match result {
-            Ok(()) => self.verify_and_commit(transfer, temp).await,
+        let result = match self.fetch_all(&mut transfer).await {
+            Ok(()) => self.verify(&transfer),
             Err(e) => Err(e),
         };
-
-        match &result {
-            Ok(last_source) => {
-                let bytes = tx.borrow().written;
-                let seconds = started.elapsed().as_secs_f64();
-                let rate_mib_s = bytes as f64 / seconds.max(1e-6) / (1024.0 * 1024.0);
-                Stats::bump(&self.stats.fills_completed);
-                info!(bundle.id = %id, bytes, upstream.url = %last_source, seconds,
-                    rate_mib_s = format!("{rate_mib_s:.1}"), "fill complete");
+        let last_source = transfer.last_source;
+        match result {
+            Ok(()) => {
+                self.finish_verified(id, temp, &tx, started, &last_source)
+                    .await
             }
-            Err(FillError::Integrity { .. }) => Stats::bump(&self.stats.fills_failed),
-            Err(e @ FillError::NotFound { .. }) => {
-                Stats::bump(&self.stats.fills_failed);
-                debug!(bundle.id = %id, error = %e, "fill found nothing");
-            }
-            Err(e) => {
-                Stats::bump(&self.stats.fills_failed);
-                warn!(bundle.id = %id, error = %e, "fill failed");
-            }
+            Err(e) => self.finish_failed(id, e, &tx),
         }
+    }
 
-        // Remove the registry entry before announcing the outcome: a request that sees the
-        // outcome and asks again must find the cached file or start afresh, not rejoin.
+    /// Releases the followers, then commits the file into the cache.
+    async fn finish_verified(
+        &self,
+        id: BundleId,
+        temp: TempFile,
+        tx: &watch::Sender<FillState>,
+        started: Instant,
+        last_source: &str,
+    ) {
+        // The bytes are verified, so followers may finish now. The commit (an fsync, slow
+        // for a large bundle) runs while the fill is still registered, so requests arriving
+        // meanwhile join it instead of starting a second transfer.
+        tx.send_modify(|s| s.outcome = Some(Ok(())));
+        Stats::bump(&self.stats.fills_completed);
+        let bytes = tx.borrow().written;
+        let seconds = started.elapsed().as_secs_f64();
+        let rate_mib_s = bytes as f64 / seconds.max(1e-6) / (1024.0 * 1024.0);
+        info!(bundle.id = %id, bytes, upstream.url = %last_source, seconds,
+            rate_mib_s = format!("{rate_mib_s:.1}"), "fill complete");
+
+        let cache = self.cache.clone();
+        let committed = tokio::task::spawn_blocking(move || cache.commit(temp, &id)).await;
+        match committed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(bundle.id = %id, error = %e, "verified bundle could not be cached")
+            }
+            Err(e) => error!(bundle.id = %id, error = %e, "cache commit task failed"),
+        }
         self.running
             .lock()
             .expect("fill registry lock is never poisoned")
             .remove(&id);
-        let retry = matches!(result, Err(FillError::Integrity { .. }))
+    }
+
+    /// Logs and announces a failed fill; refetches after an integrity failure when another
+    /// source is left.
+    fn finish_failed(
+        self: &Arc<Self>,
+        id: BundleId,
+        error: FillError,
+        tx: &watch::Sender<FillState>,
+    ) {
+        Stats::bump(&self.stats.fills_failed);
+        match &error {
+            // Already logged at error level where it was detected.
+            FillError::Integrity { .. } => {}
+            FillError::NotFound { .. } => {
+                debug!(bundle.id = %id, error = %error, "fill found nothing")
+            }
+            _ => warn!(bundle.id = %id, error = %error, "fill failed"),
+        }
+
+        // Remove the registry entry before announcing the outcome: a request that sees the
+        // outcome and asks again must start afresh, not rejoin the failed fill.
+        self.running
+            .lock()
+            .expect("fill registry lock is never poisoned")
+            .remove(&id);
+        let retry = matches!(error, FillError::Integrity { .. })
             && self.upstream.has_unpenalized_source(&id);
-        tx.send_modify(|s| s.outcome = Some(result.map(|_| ())));
+        tx.send_modify(|s| s.outcome = Some(Err(error)));
 
         if retry {
             info!(bundle.id = %id, "refetching from the next source after failed verification");
@@ -307,34 +348,24 @@ impl Fills {
         t.copy_body(opened, self.upstream.stall_timeout()).await
     }
 
-    /// Checks the hash; commits the file into the cache when it matches.
-    async fn verify_and_commit(
-        &self,
-        transfer: Transfer<'_>,
-        temp: TempFile,
-    ) -> Result<String, FillError> {
+    /// Checks the hash of everything the transfer wrote against the id.
+    fn verify(&self, transfer: &Transfer<'_>) -> Result<(), FillError> {
         let id = transfer.id;
         let hash = transfer.hasher.finalize();
-        if !id.matches(&hash) {
-            Stats::bump(&self.stats.integrity_failures);
-            for &source in &transfer.sources_used {
-                self.upstream.penalize(source, &id);
-            }
-            error!(bundle.id = %id, upstream.url = %transfer.last_source, actual = %hash.to_hex(),
-                "integrity failure: content does not match its id; nothing cached");
-            return Err(FillError::Integrity {
-                id,
-                actual: hash.to_hex().to_string(),
-            });
+        if id.matches(&hash) {
+            return Ok(());
         }
 
-        let cache = self.cache.clone();
-        let local = |message: String| FillError::Local { id, message };
-        tokio::task::spawn_blocking(move || cache.commit(temp, &id))
-            .await
-            .map_err(|e| local(e.to_string()))?
-            .map_err(|e| local(e.to_string()))?;
-        Ok(transfer.last_source)
+        Stats::bump(&self.stats.integrity_failures);
+        for &source in &transfer.sources_used {
+            self.upstream.penalize(source, &id);
+        }
+        error!(bundle.id = %id, upstream.url = %transfer.last_source, actual = %hash.to_hex(),
+            "integrity failure: content does not match its id; nothing cached");
+        Err(FillError::Integrity {
+            id,
+            actual: hash.to_hex().to_string(),
+        })
     }
 }
 

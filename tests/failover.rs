@@ -49,7 +49,7 @@ async fn parent_dying_mid_transfer_is_resumed_from_the_next_parent() {
     assert!(offset > 0 && offset <= 300_000, "resumed at {offset}");
     let stats = leaf.stats();
     assert_eq!((stats.failovers, stats.fills_completed), (1, 1));
-    assert!(cached(dir.path(), "leaf", &id));
+    eventually("the bundle is cached", || cached(dir.path(), "leaf", &id)).await;
     leaf.shutdown().await;
 }
 
@@ -87,7 +87,7 @@ async fn a_parent_relay_killed_mid_transfer_is_replaced_by_the_other_parent() {
     assert!(got.bytes() == &data[..], "client got different bytes");
     assert_eq!(leaf.stats().failovers, 1);
     assert_eq!(parent_b.stats().fills_completed, 1);
-    assert!(cached(dir.path(), "leaf", &id));
+    eventually("the bundle is cached", || cached(dir.path(), "leaf", &id)).await;
     leaf.shutdown().await;
     parent_b.shutdown().await;
 }

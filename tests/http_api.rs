@@ -19,6 +19,7 @@ async fn relay_with_bundle(
     )
     .await;
     assert_eq!(warm.bytes(), &data[..]);
+    eventually("the fill has committed", || relay.running_fills() == 0).await;
     (relay, origin, data, id)
 }
 

@@ -48,6 +48,10 @@ async fn corrupt_parent_aborts_the_client_and_the_next_request_succeeds_from_a_g
     );
     assert_eq!(good.requests(), 1);
 
+    eventually("the good copy is cached", || {
+        cached(dir.path(), "leaf", &id)
+    })
+    .await;
     let cached_copy = std::fs::read(
         dir.path()
             .join(format!("leaf-cache/objects/{}/{id}", &id.to_string()[..2])),

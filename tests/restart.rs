@@ -92,5 +92,5 @@ async fn shutdown_lets_a_running_download_finish_and_refuses_new_connections() {
         "the running download must complete intact"
     );
     within(20, stopping).await.unwrap();
-    assert!(cached(dir.path(), "edge", &id));
+    eventually("the bundle is cached", || cached(dir.path(), "edge", &id)).await;
 }

@@ -32,10 +32,10 @@ async fn cold_fetch_through_three_tiers_returns_verified_bytes() {
 
     // Each tier now holds the verified bundle, and a second request is a hit.
     for tier in ["root", "mid", "leaf"] {
-        assert!(
-            cached(dir.path(), tier, &id),
-            "{tier} should have cached the bundle"
-        );
+        eventually("each tier has cached the bundle", || {
+            cached(dir.path(), tier, &id)
+        })
+        .await;
         assert_eq!(
             temp_files(dir.path(), tier),
             0,

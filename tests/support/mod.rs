@@ -432,3 +432,16 @@ pub async fn closed_port_url() -> String {
     drop(listener);
     format!("http://{addr}")
 }
+
+/// Waits (up to 10 s) until `condition` holds; fills commit to the cache just after their
+/// clients are released, so cache checks wait for it.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
