@@ -29,7 +29,7 @@ use crate::fill::FillState;
 pub type ResponseBody = BoxBody<Bytes, io::Error>;
 
 /// Size of one read from the bundle file.
-pub const READ_CHUNK: usize = 256 * 1024;
+pub const READ_CHUNK: usize = 128 * 1024;
 
 /// Whether the file is complete or still being written by a fill.
 #[derive(Debug)]

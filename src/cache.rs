@@ -4,8 +4,10 @@
 //! - `objects/ab/abcd...` — one file per bundle, named by its id, fanned out by the first
 //!   two hex characters. A file appears here only by an atomic rename after its content was
 //!   hashed and matched its id, so anything found here is complete and verified.
-//! - `tmp/` — files of fills in progress. Nothing is ever served by path from here, and the
-//!   directory is swept at start, so a crash mid-fill can never surface a partial bundle.
+//! - `tmp/` — files of fills and publishes in progress, named `<id>.<pid>.<seq>.part`.
+//!   Nothing is ever served by path from here. A relay sweeps it at start, removing every
+//!   file whose process is gone, so a crash mid-fill never surfaces a partial bundle while a
+//!   `publish` running beside the relay keeps its file.
 //! - `pins/` — an empty marker file per pinned bundle (published bundles are pinned), so
 //!   eviction, when it exists, has a durable list of what it must never remove.
 //!
@@ -27,7 +29,7 @@ pub struct Cache {
     pins: PathBuf,
 }
 
-/// What [`Cache::open`] found.
+/// What [`Cache::open_for_serving`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheSummary {
     /// Complete bundles in the cache.
@@ -71,9 +73,8 @@ impl Drop for TempFile {
 }
 
 impl Cache {
-    /// Creates the layout under `root` if needed, removes leftovers of interrupted fills and
-    /// counts what is cached.
-    pub fn open(root: &Path) -> Result<(Self, CacheSummary), CacheError> {
+    /// Creates the layout under `root` if needed.
+    pub fn open(root: &Path) -> Result<Self, CacheError> {
         let cache = Self {
             objects: root.join("objects"),
             tmp: root.join("tmp"),
@@ -85,7 +86,13 @@ impl Cache {
                 source,
             })?;
         }
+        Ok(cache)
+    }
 
+    /// Opens the cache for a relay that is starting: removes leftovers of interrupted fills
+    /// and counts what is cached.
+    pub fn open_for_serving(root: &Path) -> Result<(Self, CacheSummary), CacheError> {
+        let cache = Self::open(root)?;
         let swept_temp_files = cache.sweep_tmp().map_err(|source| CacheError {
             path: cache.tmp.clone(),
             source,
@@ -182,6 +189,9 @@ impl Cache {
         let mut removed = 0;
         for entry in fs::read_dir(&self.tmp)? {
             let path = entry?.path();
+            if owner_is_alive(&path) {
+                continue;
+            }
             let result = if path.is_dir() {
                 fs::remove_dir_all(&path)
             } else {
@@ -215,6 +225,21 @@ impl Cache {
     }
 }
 
+/// Whether the process that named temporary file `path` (`<id>.<pid>.<seq>.part`) is
+/// still running, other than this one. This process has only just started, so a file
+/// with its own pid is a leftover of an earlier process that had the same pid.
+fn owner_is_alive(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let pid = name.split('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+    match pid {
+        Some(pid) if pid != std::process::id() => Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,7 +248,7 @@ mod tests {
     #[test]
     fn uncommitted_temp_files_vanish_and_committed_ones_are_found() {
         let dir = tempfile::tempdir().unwrap();
-        let (cache, summary) = Cache::open(dir.path()).unwrap();
+        let (cache, summary) = Cache::open_for_serving(dir.path()).unwrap();
         assert_eq!(summary, CacheSummary::default());
 
         let id = BundleId::of(b"abc");
@@ -242,37 +267,44 @@ mod tests {
     }
 
     #[test]
-    fn open_sweeps_leftovers_and_counts_bundles() {
+    fn open_for_serving_sweeps_leftovers_and_counts_bundles() {
         let dir = tempfile::tempdir().unwrap();
-        let (cache, _) = Cache::open(dir.path()).unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
         let id = BundleId::of(b"hello");
         let temp = cache.create_temp(&id).unwrap();
         temp.file().write_all_at(b"hello", 0).unwrap();
         cache.commit(temp, &id).unwrap();
         fs::write(dir.path().join("tmp/leftover.part"), b"partial").unwrap();
         fs::write(dir.path().join("tmp/other.part"), b"partial").unwrap();
+        fs::write(
+            dir.path().join(format!("tmp/{id}.4194305.0.part")),
+            b"dead pid",
+        )
+        .unwrap();
+        // pid 1 is always alive: a file of a running process (a publish) is left alone.
+        fs::write(dir.path().join(format!("tmp/{id}.1.0.part")), b"in use").unwrap();
 
-        let (_, summary) = Cache::open(dir.path()).unwrap();
+        let (_, summary) = Cache::open_for_serving(dir.path()).unwrap();
         assert_eq!(
             summary,
             CacheSummary {
                 bundles: 1,
                 bytes: 5,
-                swept_temp_files: 2
+                swept_temp_files: 3
             }
         );
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
     }
 
     #[test]
     fn pins_are_durable_markers() {
         let dir = tempfile::tempdir().unwrap();
-        let (cache, _) = Cache::open(dir.path()).unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
         let id = BundleId::of(b"p");
         assert!(!cache.is_pinned(&id));
         cache.pin(&id).unwrap();
         cache.pin(&id).unwrap();
-        let (cache, _) = Cache::open(dir.path()).unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
         assert!(cache.is_pinned(&id));
     }
 }

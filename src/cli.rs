@@ -86,7 +86,7 @@ fn publish(config_path: &Path, files: &[PathBuf]) -> ExitCode {
         Err(code) => return code,
     };
     let cache = match Cache::open(&config.relay.cache_dir) {
-        Ok((cache, _)) => cache,
+        Ok(cache) => cache,
         Err(e) => {
             eprintln!("patchrelay: {e}");
             return ExitCode::FAILURE;

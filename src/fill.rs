@@ -16,8 +16,9 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -156,6 +157,10 @@ impl Fills {
     /// caller's cache lookup has already renamed its file into place, and starting a
     /// second transfer for it would break the one-transfer promise.
     pub fn join(self: &Arc<Self>, id: BundleId) -> std::io::Result<Joined> {
+        self.join_or_start(id, Sources::All)
+    }
+
+    fn join_or_start(self: &Arc<Self>, id: BundleId, sources: Sources) -> std::io::Result<Joined> {
         let mut running = self
             .running
             .lock()
@@ -181,7 +186,11 @@ impl Fills {
         drop(running);
 
         Stats::bump(&self.stats.fills_started);
-        let task = tokio::spawn(self.clone().run(id, temp, tx));
+        let registration = Registration {
+            fills: self.clone(),
+            fill: fill.clone(),
+        };
+        let task = tokio::spawn(self.clone().run(registration, temp, tx, sources));
         let mut tasks = self
             .tasks
             .lock()
@@ -219,27 +228,34 @@ impl Fills {
         }
     }
 
-    async fn run(self: Arc<Self>, id: BundleId, temp: TempFile, tx: watch::Sender<FillState>) {
+    async fn run(
+        self: Arc<Self>,
+        registration: Registration,
+        temp: TempFile,
+        tx: watch::Sender<FillState>,
+        sources: Sources,
+    ) {
+        let id = registration.fill.id;
         let started = Instant::now();
         let mut transfer = Transfer::new(id, &temp, &tx, &self.stats);
-        let result = match self.fetch_all(&mut transfer).await {
+        let result = match self.fetch_all(&mut transfer, sources).await {
             Ok(()) => self.verify(&transfer),
             Err(e) => Err(e),
         };
         let last_source = transfer.last_source;
         match result {
             Ok(()) => {
-                self.finish_verified(id, temp, &tx, started, &last_source)
+                self.finish_verified(registration, temp, &tx, started, &last_source)
                     .await
             }
-            Err(e) => self.finish_failed(id, e, &tx),
+            Err(e) => self.finish_failed(registration, e, &tx),
         }
     }
 
     /// Releases the followers, then commits the file into the cache.
     async fn finish_verified(
         &self,
-        id: BundleId,
+        registration: Registration,
         temp: TempFile,
         tx: &watch::Sender<FillState>,
         started: Instant,
@@ -248,6 +264,7 @@ impl Fills {
         // The bytes are verified, so followers may finish now. The commit (an fsync, slow
         // for a large bundle) runs while the fill is still registered, so requests arriving
         // meanwhile join it instead of starting a second transfer.
+        let id = registration.fill.id;
         tx.send_modify(|s| s.outcome = Some(Ok(())));
         Stats::bump(&self.stats.fills_completed);
         let bytes = tx.borrow().written;
@@ -265,20 +282,18 @@ impl Fills {
             }
             Err(e) => error!(bundle.id = %id, error = %e, "cache commit task failed"),
         }
-        self.running
-            .lock()
-            .expect("fill registry lock is never poisoned")
-            .remove(&id);
+        drop(registration);
     }
 
-    /// Logs and announces a failed fill; refetches after an integrity failure when another
-    /// source is left.
+    /// Logs and announces a failed fill; after an integrity failure, refetches from the
+    /// sources not caught serving corrupt bytes for this bundle, if any are left.
     fn finish_failed(
         self: &Arc<Self>,
-        id: BundleId,
+        registration: Registration,
         error: FillError,
         tx: &watch::Sender<FillState>,
     ) {
+        let id = registration.fill.id;
         Stats::bump(&self.stats.fills_failed);
         match &error {
             // Already logged at error level where it was detected.
@@ -289,19 +304,18 @@ impl Fills {
             _ => warn!(bundle.id = %id, error = %error, "fill failed"),
         }
 
-        // Remove the registry entry before announcing the outcome: a request that sees the
-        // outcome and asks again must start afresh, not rejoin the failed fill.
-        self.running
-            .lock()
-            .expect("fill registry lock is never poisoned")
-            .remove(&id);
+        // Unregister before announcing the outcome: a request that sees the outcome and asks
+        // again must start afresh, not rejoin the failed fill.
+        drop(registration);
         let retry = matches!(error, FillError::Integrity { .. })
             && self.upstream.has_unpenalized_source(&id);
         tx.send_modify(|s| s.outcome = Some(Err(error)));
 
+        // Each refetch uses only unpenalized sources, and a failed one penalizes the sources
+        // it used, so refetches end after at most one per source.
         if retry {
             info!(bundle.id = %id, "refetching from the next source after failed verification");
-            if let Err(e) = self.join(id) {
+            if let Err(e) = self.join_or_start(id, Sources::Unpenalized) {
                 error!(bundle.id = %id, error = %e, "cannot start refetch");
             }
         }
@@ -309,9 +323,16 @@ impl Fills {
 
     /// Pulls the whole body, failing over and resuming across sources. Returns when the
     /// file holds `total` bytes, or with why no source could finish it.
-    async fn fetch_all(&self, transfer: &mut Transfer<'_>) -> Result<(), FillError> {
+    async fn fetch_all(
+        &self,
+        transfer: &mut Transfer<'_>,
+        which: Sources,
+    ) -> Result<(), FillError> {
         let id = transfer.id;
-        let sources = self.upstream.sources(&id);
+        let sources = match which {
+            Sources::All => self.upstream.sources(&id),
+            Sources::Unpenalized => self.upstream.unpenalized_sources(&id),
+        };
         if sources.is_empty() {
             return Err(FillError::NoUpstream { id });
         }
@@ -323,7 +344,14 @@ impl Fills {
             }
             match self.fetch_from(source, transfer).await {
                 Ok(()) => return Ok(()),
-                Err(e) => {
+                Err(CopyError::Local(e)) => {
+                    error!(bundle.id = %id, error = %e, "cannot write the fill to the cache");
+                    return Err(FillError::Local {
+                        id,
+                        message: e.to_string(),
+                    });
+                }
+                Err(CopyError::Source(e)) => {
                     log_source_failure(&id, source, &e, transfer.written, n + 1 < sources.len());
                     failures.push(e);
                 }
@@ -333,19 +361,24 @@ impl Fills {
     }
 
     /// Copies what `source` has from the current offset on.
-    async fn fetch_from(&self, source: &Source, t: &mut Transfer<'_>) -> Result<(), FetchError> {
+    async fn fetch_from(&self, source: &Source, t: &mut Transfer<'_>) -> Result<(), CopyError> {
         Stats::bump(&self.stats.upstream_requests);
         let opened = self
             .upstream
             .open(source, &t.id, t.written, t.total)
             .await?;
-        t.sources_used.push(source.index);
         t.last_source = source.label().to_string();
         if t.total.is_none() {
             t.total = Some(opened.total);
             t.tx.send_modify(|s| s.total = Some(opened.total));
         }
-        t.copy_body(opened, self.upstream.stall_timeout()).await
+
+        let before = t.written;
+        let copied = t.copy_body(opened, self.upstream.stall_timeout()).await;
+        if t.written > before || t.total == Some(0) {
+            t.sources_used.push(source.index);
+        }
+        copied
     }
 
     /// Checks the hash of everything the transfer wrote against the id.
@@ -406,11 +439,7 @@ impl<'a> Transfer<'a> {
     /// Streams `opened` into the file until the body ends. Data is gathered up to
     /// [`WRITE_CHUNK`] and written whenever the upstream has nothing more ready, so followers
     /// see bytes as soon as they arrive without a write per network frame.
-    async fn copy_body(
-        &mut self,
-        opened: Opened,
-        stall: std::time::Duration,
-    ) -> Result<(), FetchError> {
+    async fn copy_body(&mut self, opened: Opened, stall: Duration) -> Result<(), CopyError> {
         let Opened {
             mut body,
             url,
@@ -423,16 +452,17 @@ impl<'a> Transfer<'a> {
             let next = match ready.take() {
                 Some(next) => next,
                 None => {
-                    self.flush(&mut buf, &url).await?;
+                    self.flush(&mut buf).await?;
                     match tokio::time::timeout(stall, body.frame()).await {
                         Ok(next) => next,
                         Err(_) => {
                             let offset = self.written;
-                            return Err(FetchError::Stalled {
+                            let stalled = FetchError::Stalled {
                                 url,
                                 after: stall,
                                 offset,
-                            });
+                            };
+                            return Err(stalled.into());
                         }
                     }
                 }
@@ -440,27 +470,25 @@ impl<'a> Transfer<'a> {
 
             match next {
                 None => {
-                    self.flush(&mut buf, &url).await?;
-                    return self.check_complete(total, &url);
+                    self.flush(&mut buf).await?;
+                    return self.check_complete(total, url);
                 }
                 Some(Err(e)) => {
                     // Bytes that arrived before the error are good; keep them for the resume.
-                    self.flush(&mut buf, &url).await?;
-                    return Err(FetchError::Transport {
-                        url,
-                        message: format!("body: {e}"),
-                    });
+                    self.flush(&mut buf).await?;
+                    let message = format!("body: {e}");
+                    return Err(FetchError::Transport { url, message }.into());
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         if self.written + (buf.len() + data.len()) as u64 > total {
                             let message = "sent more bytes than its length".to_string();
-                            return Err(FetchError::Protocol { url, message });
+                            return Err(FetchError::Protocol { url, message }.into());
                         }
                         buf.extend_from_slice(&data);
                     }
                     if buf.len() >= WRITE_CHUNK {
-                        self.flush(&mut buf, &url).await?;
+                        self.flush(&mut buf).await?;
                     }
                     ready = next_frame_if_ready(&mut body);
                 }
@@ -468,19 +496,17 @@ impl<'a> Transfer<'a> {
         }
     }
 
-    fn check_complete(&self, total: u64, url: &str) -> Result<(), FetchError> {
+    fn check_complete(&self, total: u64, url: String) -> Result<(), CopyError> {
         if self.written == total {
             return Ok(());
         }
         let message = format!("body ended at {} of {total} bytes", self.written);
-        Err(FetchError::Transport {
-            url: url.to_string(),
-            message,
-        })
+        Err(FetchError::Transport { url, message }.into())
     }
 
-    /// Writes and hashes the gathered bytes, then tells followers.
-    async fn flush(&mut self, buf: &mut BytesMut, url: &str) -> Result<(), FetchError> {
+    /// Writes and hashes the gathered bytes, then tells followers. On a write error the
+    /// hash state is kept as it was, matching `written`.
+    async fn flush(&mut self, buf: &mut BytesMut) -> Result<(), CopyError> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -491,28 +517,63 @@ impl<'a> Transfer<'a> {
         let mut hasher = std::mem::take(&mut self.hasher);
 
         let joined = tokio::task::spawn_blocking(move || {
-            file.write_all_at(&data, offset)?;
-            hasher.update(&data);
-            Ok::<_, std::io::Error>(hasher)
+            let written = file.write_all_at(&data, offset);
+            if written.is_ok() {
+                hasher.update(&data);
+            }
+            (hasher, written)
         })
         .await;
-        // A local write failure is not the source's fault, but it ends this transfer all
-        // the same; the fill reports it when no source can finish.
-        let local = |message: String| FetchError::Transport {
-            url: url.to_string(),
-            message,
-        };
-        self.hasher = joined
-            .map_err(|e| local(e.to_string()))?
-            .map_err(|e| local(format!("cache write failed: {e}")))?;
+        let (hasher, written) = joined.map_err(|e| CopyError::Local(std::io::Error::other(e)))?;
+        self.hasher = hasher;
+        written.map_err(CopyError::Local)?;
 
         self.written += len;
-        self.stats
-            .upstream_bytes
-            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        self.stats.upstream_bytes.fetch_add(len, Ordering::Relaxed);
         let written = self.written;
         self.tx.send_modify(|s| s.written = written);
         Ok(())
+    }
+}
+
+/// Why copying from one source stopped: the source's fault (try the next) or ours (stop).
+enum CopyError {
+    Source(FetchError),
+    Local(std::io::Error),
+}
+
+impl From<FetchError> for CopyError {
+    fn from(e: FetchError) -> Self {
+        Self::Source(e)
+    }
+}
+
+/// Which sources a fill may use.
+#[derive(Debug, Clone, Copy)]
+enum Sources {
+    /// All, in the configured order (recently corrupt ones last).
+    All,
+    /// Only those not recently caught serving corrupt bytes for this bundle (refetches).
+    Unpenalized,
+}
+
+/// A fill's entry in the registry, removed when this is dropped: when the fill ends, and
+/// also if its task panics or is aborted, so a dead fill can never be joined.
+struct Registration {
+    fills: Arc<Fills>,
+    fill: Arc<Fill>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut running = self.fills.running.lock().unwrap_or_else(|e| e.into_inner());
+        // A refetch may already have registered a new fill under the same id.
+        if running
+            .get(&self.fill.id)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            running.remove(&self.fill.id);
+        }
     }
 }
 

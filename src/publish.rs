@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn publishes_pins_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let (cache, _) = Cache::open(&dir.path().join("cache")).unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
         let file = dir.path().join("kb5031356.msu");
         let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&file, &content).unwrap();
@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn missing_file_and_directory_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let (cache, _) = Cache::open(&dir.path().join("cache")).unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
         let err = publish_file(&cache, &dir.path().join("nope"), &mut |_| {}).unwrap_err();
         assert!(err.to_string().contains("nope: cannot read"), "{err}");
         let err = publish_file(&cache, dir.path(), &mut |_| {}).unwrap_err();

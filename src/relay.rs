@@ -48,9 +48,10 @@ impl Relay {
     /// starts serving.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let cache_dir = config.relay.cache_dir.clone();
-        let (cache, summary) = tokio::task::spawn_blocking(move || Cache::open(&cache_dir))
-            .await
-            .expect("cache open does not panic")?;
+        let (cache, summary) =
+            tokio::task::spawn_blocking(move || Cache::open_for_serving(&cache_dir))
+                .await
+                .expect("cache open does not panic")?;
         if summary.swept_temp_files > 0 {
             warn!(
                 files = summary.swept_temp_files,

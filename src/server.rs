@@ -39,6 +39,11 @@ pub const RELAY_HEADER: &str = "x-patchrelay-relay";
 /// Response header saying how a bundle was served: `hit`, `miss` or `joined`.
 pub const CACHE_HEADER: &str = "x-patchrelay-cache";
 
+/// Most bytes hyper may hold queued for one connection (and the most a request head may
+/// take). Hyper's default (~400 KiB) made 100 downloads cost 60 MiB of queued body; one
+/// read chunk keeps the socket busy just as well.
+const CONNECTION_BUFFER: usize = body::READ_CHUNK;
+
 /// What every request handler can reach.
 #[derive(Debug)]
 pub struct AppState {
@@ -199,6 +204,15 @@ async fn route<B>(
     serve_bundle(state, request.headers(), id, head).await
 }
 
+/// What a GET or HEAD asks of one bundle, after its headers are read.
+struct BundleRequest {
+    id: BundleId,
+    head: bool,
+    range: Option<ByteRange>,
+    /// `If-None-Match: *`: answer 304 once the bundle is known to exist.
+    not_modified_if_exists: bool,
+}
+
 /// GET or HEAD of one bundle: from the cache, or by starting or joining a fill.
 async fn serve_bundle(
     state: &AppState,
@@ -206,18 +220,26 @@ async fn serve_bundle(
     id: BundleId,
     head: bool,
 ) -> Result<Response<ResponseBody>, ApiError> {
+    // Preconditions come before Range (RFC 9110 §13.2.2). The ETag is the content hash, so
+    // a client holding this tag holds these exact bytes, whether or not this relay has them.
+    let not_modified_if_exists = match if_none_match(headers, &id) {
+        IfNoneMatch::Id => return Ok(not_modified(&id)),
+        IfNoneMatch::Any => true,
+        IfNoneMatch::Other => false,
+    };
+    // Range applies to GET only (RFC 9110 §14.2).
     let range = match headers.get(RANGE) {
-        Some(value) if if_range_matches(headers, &id) => range::parse(value.as_bytes())?,
+        Some(value) if !head && if_range_matches(headers, &id) => range::parse(value.as_bytes())?,
         _ => None,
     };
+    let request = BundleRequest {
+        id,
+        head,
+        range,
+        not_modified_if_exists,
+    };
 
-    // The ETag is the content hash, so a client holding this id holds these exact bytes,
-    // whether or not this relay has them yet.
-    if if_none_match_matches(headers, &id) {
-        return Ok(not_modified(&id));
-    }
-
-    if let Some(response) = serve_cached(state, id, range, head).await? {
+    if let Some(response) = serve_cached(state, &request).await? {
         return Ok(response);
     }
 
@@ -231,7 +253,7 @@ async fn serve_bundle(
     let (fill, started) = match joined {
         Joined::Fill { fill, started } => (fill, started),
         Joined::Cached => {
-            return serve_cached(state, id, range, head)
+            return serve_cached(state, &request)
                 .await?
                 .ok_or_else(|| ApiError::Internal("committed bundle vanished".into()));
         }
@@ -249,16 +271,14 @@ async fn serve_bundle(
     }
     let status = if started { "miss" } else { "joined" };
     let progress = Progress::Live(fill.subscribe());
-    bundle_response(&id, fill.file.clone(), total, range, progress, status, head)
+    bundle_response(&request, fill.file.clone(), total, progress, status)
 }
 
 async fn serve_cached(
     state: &AppState,
-    id: BundleId,
-    range: Option<ByteRange>,
-    head: bool,
+    request: &BundleRequest,
 ) -> Result<Option<Response<ResponseBody>>, ApiError> {
-    let cache = state.cache.clone();
+    let (cache, id) = (state.cache.clone(), request.id);
     let opened = tokio::task::spawn_blocking(move || cache.open_bundle(&id))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -271,28 +291,22 @@ async fn serve_cached(
     };
 
     Stats::bump(&state.stats.hits);
-    let response = bundle_response(
-        &id,
-        Arc::new(file),
-        len,
-        range,
-        Progress::Complete,
-        "hit",
-        head,
-    )?;
+    let response = bundle_response(request, Arc::new(file), len, Progress::Complete, "hit")?;
     Ok(Some(response))
 }
 
 fn bundle_response(
-    id: &BundleId,
+    request: &BundleRequest,
     file: Arc<std::fs::File>,
     len: u64,
-    range: Option<ByteRange>,
     progress: Progress,
     cache_status: &'static str,
-    head: bool,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let (status, start, end) = match range {
+    let id = &request.id;
+    if request.not_modified_if_exists {
+        return Ok(not_modified(id));
+    }
+    let (status, start, end) = match request.range {
         None => (StatusCode::OK, 0, len),
         Some(range) => {
             let (start, end) = range
@@ -308,12 +322,12 @@ fn bundle_response(
         .header(CONTENT_TYPE, "application/octet-stream")
         .header(ETAG, format!("\"{id}\""))
         .header(ACCEPT_RANGES, "bytes")
-        .header(CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header(CACHE_CONTROL, IMMUTABLE)
         .header(CACHE_HEADER, cache_status);
     if status == StatusCode::PARTIAL_CONTENT {
         builder = builder.header(CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1));
     }
-    let body = if head {
+    let body = if request.head {
         body::empty()
     } else {
         body::file_range(file, start, end, progress)
@@ -323,27 +337,48 @@ fn bundle_response(
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
+/// Bundles never change: an id names one content forever.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
 fn not_modified(id: &BundleId) -> Response<ResponseBody> {
     Response::builder()
         .status(StatusCode::NOT_MODIFIED)
         .header(ETAG, format!("\"{id}\""))
+        .header(CACHE_CONTROL, IMMUTABLE)
         .body(body::empty())
         .expect("a 304 uses valid headers")
 }
 
-/// `If-None-Match` (RFC 9110 §13.1.2): `*` or a list of entity tags, compared weakly.
-fn if_none_match_matches(headers: &HeaderMap, id: &BundleId) -> bool {
+/// What `If-None-Match` (RFC 9110 §13.1.2) says about a bundle.
+#[derive(Debug, PartialEq, Eq)]
+enum IfNoneMatch {
+    /// Absent, or lists only other tags.
+    Other,
+    /// Lists this bundle's tag (compared weakly).
+    Id,
+    /// `*`: matches if the bundle exists.
+    Any,
+}
+
+fn if_none_match(headers: &HeaderMap, id: &BundleId) -> IfNoneMatch {
     let expected = id.to_string();
-    headers
+    let tags = headers
         .get_all(IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|value| {
-            value
-                .split(',')
-                .map(str::trim)
-                .any(|tag| tag == "*" || tag.trim_start_matches("W/").trim_matches('"') == expected)
-        })
+        .flat_map(|value| value.split(',').map(str::trim));
+    let mut any = false;
+    for tag in tags {
+        if tag.trim_start_matches("W/").trim_matches('"') == expected {
+            return IfNoneMatch::Id;
+        }
+        any |= tag == "*";
+    }
+    if any {
+        IfNoneMatch::Any
+    } else {
+        IfNoneMatch::Other
+    }
 }
 
 /// `If-Range` (RFC 9110 §13.1.5): the Range applies only when the tag is ours. Absent, it
@@ -389,6 +424,7 @@ pub async fn run(
                 let _ = stream.set_nodelay(true);
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
+                    .max_buf_size(CONNECTION_BUFFER)
                     .serve_connection(TokioIo::new(stream), service.clone());
                 let connection = graceful.watch(connection);
                 connections.spawn(serve_connection(connection, peer));
@@ -439,23 +475,12 @@ mod tests {
     fn if_none_match_accepts_lists_weak_tags_and_star() {
         let id = BundleId::of(b"b");
         let tag = format!("\"{id}\"");
-        assert!(if_none_match_matches(
-            &headers(&[("if-none-match", &tag)]),
-            &id
-        ));
-        assert!(if_none_match_matches(
-            &headers(&[("if-none-match", &format!("\"x\", W/{tag}"))]),
-            &id
-        ));
-        assert!(if_none_match_matches(
-            &headers(&[("if-none-match", "*")]),
-            &id
-        ));
-        assert!(!if_none_match_matches(
-            &headers(&[("if-none-match", "\"other\"")]),
-            &id
-        ));
-        assert!(!if_none_match_matches(&headers(&[]), &id));
+        let check = |value: &str| if_none_match(&headers(&[("if-none-match", value)]), &id);
+        assert_eq!(check(&tag), IfNoneMatch::Id);
+        assert_eq!(check(&format!("\"x\", W/{tag}")), IfNoneMatch::Id);
+        assert_eq!(check("*"), IfNoneMatch::Any);
+        assert_eq!(check("\"other\""), IfNoneMatch::Other);
+        assert_eq!(if_none_match(&headers(&[]), &id), IfNoneMatch::Other);
     }
 
     #[test]

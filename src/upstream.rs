@@ -157,6 +157,16 @@ impl Upstream {
         good
     }
 
+    /// The sources not recently caught serving corrupt bytes for `id`, in configured order.
+    pub fn unpenalized_sources(&self, id: &BundleId) -> Vec<Source> {
+        let penalized = self.penalized(id);
+        self.sources
+            .iter()
+            .filter(|s| !penalized.contains(&s.index))
+            .cloned()
+            .collect()
+    }
+
     /// Whether some source not recently caught serving corrupt bytes for `id` remains.
     pub fn has_unpenalized_source(&self, id: &BundleId) -> bool {
         let penalized = self.penalized(id);
@@ -416,5 +426,11 @@ mod tests {
         let order: Vec<_> = upstream.sources(&other).iter().map(|s| s.index).collect();
         assert_eq!(order, [0, 1, 2]);
         assert!(upstream.has_unpenalized_source(&id));
+        let order: Vec<_> = upstream
+            .unpenalized_sources(&id)
+            .iter()
+            .map(|s| s.index)
+            .collect();
+        assert_eq!(order, [1, 2]);
     }
 }

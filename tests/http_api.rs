@@ -243,3 +243,38 @@ async fn other_methods_and_paths_get_json_errors() {
     assert_eq!(nowhere.json()["relay"], "api");
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn head_ignores_range_and_if_none_match_star_needs_an_existing_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, _origin, _data, id) = relay_with_bundle(dir.path()).await;
+    let url = bundle_url(&url_of(&relay), &id);
+    let client = TestClient::default();
+
+    let head = client.send("HEAD", &url, &[("range", "bytes=0-9")]).await;
+    assert_eq!(head.status, 200, "Range applies to GET only");
+    assert_eq!(head.header("content-length"), Some("100000"));
+
+    let star = client.send("GET", &url, &[("if-none-match", "*")]).await;
+    assert_eq!(star.status, 304);
+    assert_eq!(
+        star.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+
+    let unknown = bundle_url(&url_of(&relay), &BundleId::of(b"not anywhere"));
+    let star_unknown = within(20, client.send("GET", &unknown, &[("if-none-match", "*")])).await;
+    assert_eq!(star_unknown.status, 404);
+
+    // Preconditions are evaluated before Range: a matching tag wins over a bad range.
+    let etag = format!("\"{id}\"");
+    let both = client
+        .send(
+            "GET",
+            &url,
+            &[("if-none-match", &etag), ("range", "bytes=x")],
+        )
+        .await;
+    assert_eq!(both.status, 304);
+    relay.shutdown().await;
+}

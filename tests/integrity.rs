@@ -5,6 +5,20 @@ mod support;
 
 use support::*;
 
+/// The client did not get a complete success: either the body was cut mid-way (the usual
+/// case: headers leave before verification), or, when the fill failed before this request
+/// was answered, a 502 with the JSON error.
+fn assert_not_delivered(fetched: &Fetched) {
+    match fetched.status.as_u16() {
+        200 | 206 => assert!(
+            fetched.body.is_err(),
+            "corrupt bytes were delivered as complete"
+        ),
+        502 => assert_eq!(fetched.json()["relay"], "leaf"),
+        other => panic!("unexpected status {other}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_parent_aborts_the_client_and_the_next_request_succeeds_from_a_good_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,19 +88,14 @@ async fn corrupt_only_source_caches_nothing_and_leaves_no_temp_file() {
     let url = bundle_url(&url_of(&leaf), &id);
     let client = TestClient::default();
 
-    for attempt in 0..2 {
+    for _ in 0..2 {
         let got = within(20, client.get(&url)).await;
-        assert!(
-            got.body.is_err(),
-            "attempt {attempt}: corrupt bytes were delivered as complete"
-        );
+        assert_not_delivered(&got);
         assert!(!cached(dir.path(), "leaf", &id));
     }
     // The failed fill's file is removed once its task has finished.
-    within(5, async {
-        while temp_files(dir.path(), "leaf") > 0 || leaf.running_fills() > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+    eventually("the failed fill is gone", || {
+        temp_files(dir.path(), "leaf") == 0 && leaf.running_fills() == 0
     })
     .await;
     assert_eq!(leaf.stats().integrity_failures, 2);
@@ -94,6 +103,41 @@ async fn corrupt_only_source_caches_nothing_and_leaves_no_temp_file() {
     // A range that ends before the bundle's last byte cannot be verified on its own, but one
     // that includes the last byte is cut like a whole body.
     let tail = within(20, client.send("GET", &url, &[("range", "bytes=-100")])).await;
-    assert!(tail.body.is_err());
+    assert_not_delivered(&tail);
+    leaf.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refetch_after_corruption_stops_when_the_other_sources_lack_the_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = MockUpstream::start(Behavior::Corrupt).await;
+    let lacking = MockUpstream::start(Behavior::Normal).await;
+    let data = content(200_000, 23);
+    let id = corrupt.add(&data);
+
+    let leaf = start_relay(
+        "leaf",
+        dir.path(),
+        &[corrupt.base_url(), lacking.base_url()],
+        None,
+    )
+    .await;
+    let got = within(
+        20,
+        TestClient::default().get(&bundle_url(&url_of(&leaf), &id)),
+    )
+    .await;
+    assert_not_delivered(&got);
+
+    // The refetch asks only the source not caught corrupting this bundle; it answers 404
+    // and the fill ends there instead of fetching the corrupt copy again and again.
+    eventually("the refetch has ended", || {
+        lacking.requests() >= 1 && leaf.running_fills() == 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(corrupt.requests(), 1);
+    assert_eq!(leaf.stats().integrity_failures, 1);
+    assert_eq!(leaf.running_fills(), 0);
     leaf.shutdown().await;
 }

@@ -11,23 +11,30 @@ use support::*;
 #[tokio::test]
 async fn leftover_temporary_files_are_removed_and_never_served() {
     let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
     let data = content(50_000, 31);
-    let id = patchrelay::bundle::BundleId::of(&data);
+    let id = origin.add(&data);
 
-    // A crash mid-fill leaves a partial file in tmp/ (named as fills name theirs).
+    // A crash mid-fill leaves a partial file in tmp/, named as fills name theirs (with the
+    // pid of a process that no longer exists).
     let tmp = dir.path().join("edge-cache/tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join(format!("{id}.999.0.part")), &data[..20_000]).unwrap();
+    std::fs::write(tmp.join(format!("{id}.4194305.0.part")), &data[..20_000]).unwrap();
     std::fs::write(tmp.join("stray.part"), b"junk").unwrap();
 
-    let relay = start_relay("edge", dir.path(), &[], None).await;
+    let relay = start_relay("edge", dir.path(), &[], Some(&origin.origin_template())).await;
     assert_eq!(temp_files(dir.path(), "edge"), 0);
     let got = within(
         20,
         TestClient::default().get(&bundle_url(&url_of(&relay), &id)),
     )
     .await;
-    assert_eq!(got.status, 404, "a partial file must never be served");
+    assert_eq!(got.header("x-patchrelay-cache"), Some("miss"));
+    assert!(
+        got.bytes() == &data[..],
+        "the partial file must not be served or resumed"
+    );
+    assert_eq!(origin.ranges(), [None], "the fetch must start from byte 0");
     relay.shutdown().await;
 }
 
@@ -61,6 +68,11 @@ async fn a_relay_killed_mid_fill_refetches_the_whole_bundle_after_restart() {
     assert_eq!(got.header("x-patchrelay-cache"), Some("miss"));
     assert!(got.bytes() == &data[..]);
     assert_eq!(origin.requests(), 2);
+    assert_eq!(
+        origin.ranges()[1],
+        None,
+        "the refetch must be whole, not resumed"
+    );
     relay.shutdown().await;
 }
 
