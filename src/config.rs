@@ -16,6 +16,9 @@ use toml::Spanned;
 
 use crate::bundle::BundleId;
 
+mod limits;
+pub use limits::{Caps, LimitsConfig, TimeZone, Window};
+
 /// A validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -23,10 +26,12 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub relay: RelayConfig,
     pub upstream: UpstreamConfig,
+    /// `[limits]`: bandwidth and request caps. Absent = unlimited.
+    pub limits: LimitsConfig,
 }
 
 /// `[relay]`: who this relay is and where it keeps its cache.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RelayConfig {
     /// Unique name of this relay; appears in logs, response headers and error bodies.
     pub id: String,
@@ -42,7 +47,7 @@ pub struct RelayConfig {
 }
 
 /// `[upstream]`: where this relay fetches what it lacks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Base URLs of parent relays, in order of preference. Empty for a root.
     pub parents: Vec<BaseUrl>,
@@ -118,6 +123,7 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 struct RawConfig {
     relay: RawRelay,
     upstream: Option<RawUpstream>,
+    limits: Option<limits::RawLimits>,
 }
 
 #[derive(Deserialize)]
@@ -173,10 +179,15 @@ impl Config {
                 stall_timeout: DEFAULT_STALL_TIMEOUT,
             },
         };
+        let limits = match raw.limits {
+            Some(raw) => ctx.limits(raw)?,
+            None => LimitsConfig::default(),
+        };
         Ok(Self {
             source: None,
             relay,
             upstream,
+            limits,
         })
     }
 

@@ -29,6 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bundle::BundleId;
 use crate::cache::{Cache, TempFile};
+use crate::limits::{Limits, Priority};
 use crate::stats::Stats;
 use crate::upstream::{FetchError, Opened, Source, Upstream};
 
@@ -137,16 +138,23 @@ pub struct Fills {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     cache: Arc<Cache>,
     upstream: Arc<Upstream>,
+    limits: Arc<Limits>,
     stats: Arc<Stats>,
 }
 
 impl Fills {
-    pub fn new(cache: Arc<Cache>, upstream: Arc<Upstream>, stats: Arc<Stats>) -> Arc<Self> {
+    pub fn new(
+        cache: Arc<Cache>,
+        upstream: Arc<Upstream>,
+        limits: Arc<Limits>,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             running: Mutex::default(),
             tasks: Mutex::default(),
             cache,
             upstream,
+            limits,
             stats,
         })
     }
@@ -237,7 +245,7 @@ impl Fills {
     ) {
         let id = registration.fill.id;
         let started = Instant::now();
-        let mut transfer = Transfer::new(id, &temp, &tx, &self.stats);
+        let mut transfer = Transfer::new(id, &temp, &tx, &self.limits, &self.stats);
         let result = match self.fetch_all(&mut transfer, sources).await {
             Ok(()) => self.verify(&transfer),
             Err(e) => Err(e),
@@ -407,6 +415,9 @@ struct Transfer<'a> {
     id: BundleId,
     file: Arc<File>,
     tx: &'a watch::Sender<FillState>,
+    limits: &'a Limits,
+    /// Every fill today has an agent waiting; pre-staging fills will be `Background`.
+    priority: Priority,
     stats: &'a Stats,
     hasher: blake3::Hasher,
     written: u64,
@@ -421,12 +432,15 @@ impl<'a> Transfer<'a> {
         id: BundleId,
         temp: &TempFile,
         tx: &'a watch::Sender<FillState>,
+        limits: &'a Limits,
         stats: &'a Stats,
     ) -> Self {
         Self {
             id,
             file: temp.file().clone(),
             tx,
+            limits,
+            priority: Priority::OnDemand,
             stats,
             hasher: blake3::Hasher::new(),
             written: 0,
@@ -485,6 +499,8 @@ impl<'a> Transfer<'a> {
                             let message = "sent more bytes than its length".to_string();
                             return Err(FetchError::Protocol { url, message }.into());
                         }
+                        // The WAN cap: not reading on holds the parent back through TCP.
+                        self.limits.take_upstream(data.len(), self.priority).await;
                         buf.extend_from_slice(&data);
                     }
                     if buf.len() >= WRITE_CHUNK {

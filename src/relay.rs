@@ -5,18 +5,21 @@
 //! the listener is bound, with the address it got.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::fill::Fills;
+use crate::limits::{Limits, SystemClock, WallClock};
 use crate::server::{self, AppState};
 use crate::stats::{Stats, StatsSnapshot};
+use crate::units::format_rate;
 use crate::upstream::Upstream;
 
 /// Why a relay could not start.
@@ -39,14 +42,26 @@ pub enum StartError {
 pub struct Relay {
     addr: SocketAddr,
     state: Arc<AppState>,
+    /// The config in force, to tell on reload what changed.
+    config: Mutex<Config>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    schedule: JoinHandle<()>,
 }
 
 impl Relay {
     /// Opens the cache (sweeping leftovers of interrupted fills), binds the listener and
     /// starts serving.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Relay::start`], with schedule windows read from `clock` (tests use a
+    /// [`crate::limits::ManualClock`]).
+    pub async fn start_with_clock(
+        config: &Config,
+        clock: Arc<dyn WallClock>,
+    ) -> Result<Self, StartError> {
         let cache_dir = config.relay.cache_dir.clone();
         let (cache, summary) =
             tokio::task::spawn_blocking(move || Cache::open_for_serving(&cache_dir))
@@ -74,27 +89,39 @@ impl Relay {
         let cache = Arc::new(cache);
         let stats = Arc::new(Stats::default());
         let upstream = Arc::new(Upstream::new(&config.upstream, &config.relay.id));
-        let fills = Fills::new(cache.clone(), upstream, stats.clone());
-        let state = Arc::new(AppState::new(&config.relay.id, cache, fills, stats));
+        let limits = Limits::new(config.limits.clone(), clock, stats.clone());
+        let fills = Fills::new(cache.clone(), upstream, limits.clone(), stats.clone());
+        let state = Arc::new(AppState::new(
+            &config.relay.id,
+            cache,
+            fills,
+            limits.clone(),
+            stats,
+        ));
 
+        let caps = limits.caps();
         let parents: Vec<&str> = config.upstream.parents.iter().map(|p| p.as_str()).collect();
         info!(relay.id = %config.relay.id, relay.site = %config.relay.site, listen = %addr,
             parents = ?parents, origin = config.upstream.origin.as_ref().map(|o| o.as_str()),
             cache.dir = %config.relay.cache_dir.display(), cache.bundles = summary.bundles,
-            cache.bytes = summary.bytes, version = env!("CARGO_PKG_VERSION"), "relay started");
+            cache.bytes = summary.bytes, limits.downstream = %format_rate(caps.downstream),
+            limits.per_client = %format_rate(caps.per_client),
+            limits.upstream = %format_rate(caps.upstream), version = env!("CARGO_PKG_VERSION"), "relay started");
 
         let (stop, stopped) = watch::channel(false);
-        let server = tokio::spawn(server::run(
-            listener,
-            state.clone(),
-            stopped,
-            config.relay.shutdown_grace,
-        ));
+        let grace = config.relay.shutdown_grace;
+        let server = tokio::spawn(server::run(listener, state.clone(), stopped.clone(), grace));
+        let schedule = tokio::spawn(limits.run_schedule(async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
         Ok(Self {
             addr,
             state,
+            config: Mutex::new(config.clone()),
             stop,
             server,
+            schedule,
         })
     }
 
@@ -113,10 +140,54 @@ impl Relay {
         self.state.fills.running()
     }
 
+    /// The relay's limits (caps in force, schedule refresh).
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.state.limits
+    }
+
+    /// Applies a re-read config. Limits take effect at once, for running downloads too;
+    /// other changes are logged as needing a restart.
+    pub fn reload(&self, new: &Config) {
+        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        self.state.limits.reconfigure(new.limits.clone());
+        if new.relay != config.relay {
+            warn!("changes to [relay] take effect after a restart");
+        }
+        if new.upstream != config.upstream {
+            warn!("changes to [upstream] take effect after a restart");
+        }
+        *config = Config {
+            relay: config.relay.clone(),
+            upstream: config.upstream.clone(),
+            ..new.clone()
+        };
+        info!("config reloaded");
+    }
+
+    /// Re-reads the config file this relay was started from; a config with errors is
+    /// rejected and the running one stays.
+    pub fn reload_from_file(&self) {
+        let source = self
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .source
+            .clone();
+        let Some(path) = source else {
+            warn!("reload requested, but this relay was not started from a file");
+            return;
+        };
+        match Config::load(&path) {
+            Ok(new) => self.reload(&new),
+            Err(e) => error!(error = %e, "config reload rejected; keeping the running config"),
+        }
+    }
+
     /// Stops accepting, waits for running responses (up to the grace period), then stops
     /// the fills that are still running.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        self.schedule.abort();
         if let Err(e) = self.server.await {
             if e.is_panic() {
                 std::panic::resume_unwind(e.into_panic());
@@ -133,24 +204,31 @@ impl Relay {
     /// and tests; [`Relay::shutdown`] is the orderly way.
     pub fn abort(self) {
         self.server.abort();
+        self.schedule.abort();
         self.state.fills.abort_all();
     }
 }
 
-/// Runs a relay until SIGTERM or Ctrl-C, then shuts it down gracefully.
+/// Runs a relay until SIGTERM or Ctrl-C, then shuts it down gracefully. SIGHUP re-reads
+/// the config file.
 pub async fn serve(config: &Config) -> Result<(), StartError> {
     let relay = Relay::start(config).await?;
-    wait_for_signal().await.map_err(StartError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            result = tokio::signal::ctrl_c() => {
+                result.map_err(StartError::Signals)?;
+                break;
+            }
+            _ = hangup.recv() => {
+                info!("reload requested");
+                relay.reload_from_file();
+            }
+        }
+    }
     info!("shutdown requested");
     relay.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result?,
-    }
     Ok(())
 }

@@ -7,13 +7,13 @@
 //! period, then cuts what is left.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{
     ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
-    IF_NONE_MATCH, IF_RANGE, RANGE,
+    IF_NONE_MATCH, IF_RANGE, RANGE, RETRY_AFTER,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -31,6 +31,7 @@ use crate::body::{self, Progress, ResponseBody};
 use crate::bundle::{BundleId, BundleIdError};
 use crate::cache::Cache;
 use crate::fill::{FillError, Fills, Joined};
+use crate::limits::{Limits, Refusal};
 use crate::range::{self, ByteRange, RangeError};
 use crate::stats::Stats;
 
@@ -51,11 +52,18 @@ pub struct AppState {
     relay_id_header: HeaderValue,
     pub cache: Arc<Cache>,
     pub fills: Arc<Fills>,
+    pub limits: Arc<Limits>,
     pub stats: Arc<Stats>,
 }
 
 impl AppState {
-    pub fn new(relay_id: &str, cache: Arc<Cache>, fills: Arc<Fills>, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        relay_id: &str,
+        cache: Arc<Cache>,
+        fills: Arc<Fills>,
+        limits: Arc<Limits>,
+        stats: Arc<Stats>,
+    ) -> Self {
         let relay_id_header =
             HeaderValue::from_str(relay_id).expect("config validation keeps relay ids header-safe");
         Self {
@@ -63,6 +71,7 @@ impl AppState {
             relay_id_header,
             cache,
             fills,
+            limits,
             stats,
         }
     }
@@ -83,6 +92,8 @@ pub enum ApiError {
     Method { method: Method },
     #[error(transparent)]
     Fill(#[from] FillError),
+    #[error(transparent)]
+    Limited(#[from] Refusal),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -110,6 +121,8 @@ impl ApiError {
             Self::Fill(FillError::Local { .. }) | Self::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Limited(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -159,6 +172,9 @@ impl ApiError {
                 builder = builder.header(CONTENT_RANGE, format!("bytes */{len}"))
             }
             Self::Method { .. } => builder = builder.header(ALLOW, "GET, HEAD"),
+            Self::Limited(refusal) => {
+                builder = builder.header(RETRY_AFTER, refusal.retry_after_secs())
+            }
             _ => {}
         }
         builder
@@ -167,24 +183,31 @@ impl ApiError {
     }
 }
 
-/// Handles one request; never fails, since errors become responses here.
-pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<ResponseBody> {
-    let mut response = match route(&state, &request).await {
+/// Handles one request from `client`; never fails, since errors become responses here.
+pub async fn handle(
+    state: Arc<AppState>,
+    client: IpAddr,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let mut response = match route(&state, client, &request).await {
         Ok(response) => response,
         Err(e) => e.into_response(&state.relay_id),
     };
     response
         .headers_mut()
         .insert(RELAY_HEADER, state.relay_id_header.clone());
-    debug!(http.method = %request.method(), http.path = %request.uri().path(),
-        http.status = response.status().as_u16(), "request");
+    debug!(client.addr = %client, http.method = %request.method(),
+        http.path = %request.uri().path(), http.status = response.status().as_u16(), "request");
     response
 }
 
 async fn route<B>(
     state: &AppState,
+    client: IpAddr,
     request: &Request<B>,
 ) -> Result<Response<ResponseBody>, ApiError> {
+    state.limits.check_request(client)?;
+
     let path = request.uri().path();
     let Some(id) = path.strip_prefix("/v1/bundles/") else {
         return Err(ApiError::NoRoute {
@@ -201,7 +224,14 @@ async fn route<B>(
         }
     };
     let id: BundleId = id.parse()?;
-    serve_bundle(state, request.headers(), id, head).await
+    if head {
+        return serve_bundle(state, request.headers(), id, head).await;
+    }
+
+    // A download holds its slot until its body ends; its bytes go out under the caps.
+    let permit = state.limits.start_download(client)?;
+    let response = serve_bundle(state, request.headers(), id, head).await?;
+    Ok(response.map(|body| state.limits.throttle(body, client, Some(permit))))
 }
 
 /// What a GET or HEAD asks of one bundle, after its headers are read.
@@ -397,10 +427,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let service = TowerToHyperService::new(tower::service_fn(move |request| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(state, request).await) }
-    }));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let stop = async move {
@@ -422,10 +448,11 @@ pub async fn run(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let service = connection_service(state.clone(), peer.ip());
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .max_buf_size(CONNECTION_BUFFER)
-                    .serve_connection(TokioIo::new(stream), service.clone());
+                    .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 connections.spawn(serve_connection(connection, peer));
                 while connections.try_join_next().is_some() {}
@@ -447,6 +474,25 @@ pub async fn run(
             connections.abort_all();
         }
     }
+}
+
+/// The service for one connection: the handler, told which client it serves.
+fn connection_service(
+    state: Arc<AppState>,
+    client: IpAddr,
+) -> TowerToHyperService<
+    impl tower::Service<
+            Request<Incoming>,
+            Response = Response<ResponseBody>,
+            Error = Infallible,
+            Future = impl std::future::Future<Output = Result<Response<ResponseBody>, Infallible>>
+                         + Send,
+        > + Clone,
+> {
+    TowerToHyperService::new(tower::service_fn(move |request| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(state, client, request).await) }
+    }))
 }
 
 async fn serve_connection<C>(connection: C, peer: SocketAddr)

@@ -29,6 +29,14 @@ pub struct Stats {
     pub integrity_failures: AtomicU64,
     /// Body bytes received from upstream.
     pub upstream_bytes: AtomicU64,
+    /// Body bytes sent to clients.
+    pub bytes_out: AtomicU64,
+    /// Nanoseconds downloads and fills spent waiting for a byte cap.
+    pub throttled_nanos: AtomicU64,
+    /// Requests refused by `requests_per_client` (429).
+    pub refused_rate: AtomicU64,
+    /// Downloads refused by `max_downloads` or `max_downloads_per_client` (503).
+    pub refused_busy: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -44,6 +52,10 @@ pub struct StatsSnapshot {
     pub failovers: u64,
     pub integrity_failures: u64,
     pub upstream_bytes: u64,
+    pub bytes_out: u64,
+    pub throttled_nanos: u64,
+    pub refused_rate: u64,
+    pub refused_busy: u64,
 }
 
 impl Stats {
@@ -65,6 +77,10 @@ impl Stats {
             failovers: get(&self.failovers),
             integrity_failures: get(&self.integrity_failures),
             upstream_bytes: get(&self.upstream_bytes),
+            bytes_out: get(&self.bytes_out),
+            throttled_nanos: get(&self.throttled_nanos),
+            refused_rate: get(&self.refused_rate),
+            refused_busy: get(&self.refused_busy),
         }
     }
 }
