@@ -106,7 +106,8 @@ impl Relay {
             cache.dir = %config.relay.cache_dir.display(), cache.bundles = summary.bundles,
             cache.bytes = summary.bytes, limits.downstream = %format_rate(caps.downstream),
             limits.per_client = %format_rate(caps.per_client),
-            limits.upstream = %format_rate(caps.upstream), version = env!("CARGO_PKG_VERSION"), "relay started");
+            limits.upstream = %format_rate(caps.upstream), version = env!("CARGO_PKG_VERSION"),
+            "relay started");
 
         let (stop, stopped) = watch::channel(false);
         let grace = config.relay.shutdown_grace;

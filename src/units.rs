@@ -26,7 +26,10 @@ pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
         "mbit" => 1e6 / 8.0,
         "gbit" => 1e9 / 8.0,
         _ => size_unit(unit).ok_or_else(|| {
-            format!("{text:?}: unknown unit {unit:?}; use bit, kbit, Mbit, Gbit, B, kB, MB, GB, KiB, MiB or GiB per second")
+            format!(
+                "{text:?}: unknown unit {unit:?}; use bit, kbit, Mbit, Gbit, B, kB, MB, GB, \
+                 KiB, MiB or GiB per second"
+            )
         })? as f64,
     };
     let rate = (number * bytes_per_unit).round();
