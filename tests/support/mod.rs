@@ -268,6 +268,17 @@ fn paced_body(state: &MockState, data: Bytes, cut: Option<(usize, bool)>) -> Moc
 
 /// Builds a relay config for tests: ephemeral port, cache under `dir`, short timeouts.
 pub fn relay_config(id: &str, dir: &Path, parents: &[String], origin: Option<&str>) -> Config {
+    relay_config_with(id, dir, parents, origin, "")
+}
+
+/// [`relay_config`] with more TOML appended (a `[limits]` section, say).
+pub fn relay_config_with(
+    id: &str,
+    dir: &Path,
+    parents: &[String],
+    origin: Option<&str>,
+    extra: &str,
+) -> Config {
     let parents: Vec<String> = parents.iter().map(|p| format!("{p:?}")).collect();
     let text = format!(
         r#"
@@ -283,6 +294,7 @@ parents = [{parents}]
 origin = "{origin}"
 connect_timeout = "1s"
 stall_timeout = "1s"
+{extra}
 "#,
         parents = parents.join(", "),
         origin = origin.unwrap_or_default(),
@@ -342,6 +354,26 @@ impl Default for TestClient {
 }
 
 impl TestClient {
+    /// A client whose connections come from `ip` (any 127.x.y.z address works on Linux),
+    /// to act as a different agent.
+    pub fn from_ip(ip: [u8; 4]) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(std::net::IpAddr::from(ip)));
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    /// Sends a GET and returns the response with its body unread.
+    pub async fn start_get(&self, url: &str) -> Response<Incoming> {
+        let request = Request::get(url)
+            .body(Empty::new())
+            .expect("valid test request");
+        self.client.request(request).await.expect("relay answers")
+    }
+}
+
+impl TestClient {
     pub async fn get(&self, url: &str) -> Fetched {
         self.send("GET", url, &[]).await
     }
@@ -365,6 +397,17 @@ impl TestClient {
             body,
         }
     }
+}
+
+/// Puts `content` into the cache of relay `id` under `dir` (as `publish` does) and returns
+/// its id.
+pub fn publish(dir: &Path, id: &str, content: &[u8]) -> BundleId {
+    let cache = patchrelay::cache::Cache::open(&dir.join(format!("{id}-cache"))).expect("cache");
+    let file = dir.join(format!("{id}-upload.bin"));
+    std::fs::write(&file, content).expect("write upload");
+    let published =
+        patchrelay::publish::publish_file(&cache, &file, &mut |_| {}).expect("publish works");
+    published.id
 }
 
 /// A URL for bundle `id` at `base`.
