@@ -9,9 +9,9 @@
 //! (default 100), PATCHRELAY_BENCH_DIR (scratch directory, default the system temp dir;
 //! needs about four times the bundle size).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,74 +21,15 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-const BIN: &str = env!("CARGO_BIN_EXE_patchrelay");
+mod common;
+
+use common::{cores, cpu_model, RelayProcess, BIN};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A relay process, stopped when dropped.
-struct RelayProcess {
-    name: &'static str,
-    child: Child,
-    addr: String,
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RelayProcess {
-    fn start(name: &'static str, dir: &Path, parent: Option<&str>) -> Self {
-        let parents = parent
-            .map(|p| format!("\"http://{p}\""))
-            .unwrap_or_default();
-        let config = dir.join(format!("{name}.toml"));
-        let text = format!(
-            "[relay]\nid = \"{name}\"\nsite = \"bench\"\nlisten = \"127.0.0.1:0\"\n\
-             cache_dir = \"{name}-cache\"\n\n[upstream]\nparents = [{parents}]\n\
-             stall_timeout = \"60s\"\n"
-        );
-        std::fs::write(&config, text).expect("write config");
-        let mut child = Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .env("RUST_LOG", "warn,patchrelay=info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start relay");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let start = lines
-            .next()
-            .expect("a start line")
-            .expect("readable stderr");
-        let addr = start
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("listen="))
-            .unwrap_or_else(|| panic!("no listen address in {start:?}"))
-            .to_string();
-        // Keep draining the log so the relay never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { name, child, addr }
-    }
-
-    fn memory_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .unwrap_or(0)
-    }
 }
 
 fn write_bundle(path: &Path, mib: u64) -> String {
@@ -116,7 +57,7 @@ fn main() {
 
     let bundle = dir.path().join("bundle.bin");
     let id = write_bundle(&bundle, mib);
-    let root = RelayProcess::start("root", dir.path(), None);
+    let root = RelayProcess::start("root", dir.path(), None, "");
     let published = Command::new(BIN)
         .args(["publish", "-c"])
         .arg(dir.path().join("root.toml"))
@@ -125,8 +66,8 @@ fn main() {
         .expect("publish");
     assert!(published.status.success(), "publish failed");
     std::fs::remove_file(&bundle).expect("remove source copy");
-    let mid = RelayProcess::start("mid", dir.path(), Some(&root.addr));
-    let leaf = RelayProcess::start("leaf", dir.path(), Some(&mid.addr));
+    let mid = RelayProcess::start("mid", dir.path(), Some(&root.addr), "");
+    let leaf = RelayProcess::start("leaf", dir.path(), Some(&mid.addr), "");
     let relays = [root, mid, leaf];
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -220,16 +161,4 @@ async fn fetch_all(
         verified,
         peaks,
     )
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_else(|| "unknown CPU".into())
 }

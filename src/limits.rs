@@ -540,8 +540,11 @@ where
     }
 }
 
-/// The governor quota for `rate` bytes/s with `burst` bytes, and the largest piece that
-/// fits the burst.
+/// The governor quota for `rate` bytes/s with `burst` bytes, and the piece size.
+///
+/// A piece is about 10 ms of the cap (at least one cell, at most the burst and one read
+/// chunk): small enough that downloads sharing a slow cap take turns often, so each gets
+/// its share over a few seconds; large enough that a fast cap costs few wake-ups.
 fn byte_quota(rate: u64, burst: u64) -> (Quota, usize) {
     let per_cell = Duration::from_nanos((1_000_000_000 * CELL / rate.max(1)).max(1));
     let burst_cells = (burst / CELL).max(1);
@@ -550,7 +553,8 @@ fn byte_quota(rate: u64, burst: u64) -> (Quota, usize) {
     let quota = Quota::with_period(per_cell)
         .expect("period is at least 1 ns")
         .allow_burst(cells);
-    let piece = (burst_cells * CELL).min(READ_CHUNK as u64) as usize;
+    let turn = (rate / 100 / CELL).max(1) * CELL;
+    let piece = turn.min(burst_cells * CELL).min(READ_CHUNK as u64) as usize;
     (quota, piece)
 }
 
@@ -574,6 +578,18 @@ mod tests {
         assert_eq!(pieces(10, 4).collect::<Vec<_>>(), [4, 4, 2]);
         assert_eq!(pieces(8, 4).collect::<Vec<_>>(), [4, 4]);
         assert_eq!(pieces(0, 4).count(), 0);
+    }
+
+    #[test]
+    fn pieces_are_about_10ms_of_the_cap() {
+        assert_eq!(byte_quota(125_000, 64 * 1024).1, 1024, "1 Mbit/s");
+        assert_eq!(byte_quota(12_500_000, 625_000).1, 122 * 1024, "100 Mbit/s");
+        assert_eq!(byte_quota(125_000_000, 6_250_000).1, READ_CHUNK, "1 Gbit/s");
+        assert_eq!(
+            byte_quota(125_000_000, 8192).1,
+            8192,
+            "never above the burst"
+        );
     }
 
     #[test]

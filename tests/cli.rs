@@ -190,3 +190,74 @@ async fn serve_answers_published_bundles_and_exits_0_on_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn sighup_reloads_limits_and_rejects_a_broken_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:0");
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the relay keeps logging");
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    let start_line = wait_for("relay started");
+    let listen = start_line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))
+        .expect("start line names the listen address")
+        .to_string();
+    let pid = child.0.id().to_string();
+    let hangup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+
+    // A broken config is refused with its file and line, and the relay keeps serving.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{good}\n[limits]\ndownstream = \"fast\"\n"),
+    )
+    .unwrap();
+    hangup();
+    let rejected = wait_for("config reload rejected");
+    assert!(rejected.contains("limits.downstream"), "{rejected}");
+    let url = format!("http://{listen}/v1/bundles/{}", BundleId::of(b"x"));
+    assert_eq!(TestClient::default().get(&url).await.status, 404);
+
+    // A good one is applied.
+    std::fs::write(
+        &config,
+        format!("{good}\n[limits]\ndownstream = \"8 Mbit/s\"\n"),
+    )
+    .unwrap();
+    hangup();
+    let applied = wait_for("limits in force");
+    assert!(
+        applied.contains("limits.downstream=8.000 Mbit/s"),
+        "{applied}"
+    );
+    wait_for("config reloaded");
+}
