@@ -458,36 +458,24 @@ impl ByteLimiter {
     }
 
     async fn take(&self, bytes: usize, priority: Priority, stats: &Stats) {
-        match priority {
+        let _queue = match priority {
             Priority::OnDemand => {
                 self.on_demand.fetch_add(1, Ordering::SeqCst);
-                let _queue = self.queue.lock().await;
-                wait_for_cells(
-                    |n| self.limiter.check_n(n),
-                    self.limiter.clock(),
-                    bytes,
-                    stats,
-                )
-                .await;
-                self.on_demand.fetch_sub(1, Ordering::SeqCst);
-                self.on_demand_done.notify_waiters();
+                self.queue.lock().await
             }
-            Priority::Background => {
-                let _queue = loop {
-                    let done = self.on_demand_done.notified();
-                    if self.on_demand.load(Ordering::SeqCst) == 0 {
-                        break self.queue.lock().await;
-                    }
-                    done.await;
-                };
-                wait_for_cells(
-                    |n| self.limiter.check_n(n),
-                    self.limiter.clock(),
-                    bytes,
-                    stats,
-                )
-                .await;
-            }
+            Priority::Background => loop {
+                let done = self.on_demand_done.notified();
+                if self.on_demand.load(Ordering::SeqCst) == 0 {
+                    break self.queue.lock().await;
+                }
+                done.await;
+            },
+        };
+        let limiter = &self.limiter;
+        wait_for_cells(|n| limiter.check_n(n), limiter.clock(), bytes, stats).await;
+        if priority == Priority::OnDemand {
+            self.on_demand.fetch_sub(1, Ordering::SeqCst);
+            self.on_demand_done.notify_waiters();
         }
     }
 }

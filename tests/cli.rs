@@ -20,6 +20,69 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A `patchrelay serve` process whose log lines can be awaited.
+struct ServeProcess {
+    child: KillOnDrop,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// The start line, and the address it names.
+    start_line: String,
+    listen: String,
+}
+
+impl ServeProcess {
+    fn start(config: &std::path::Path) -> Self {
+        let mut child = KillOnDrop(
+            Command::new(BIN)
+                .args(["serve", "-c"])
+                .arg(config)
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let stderr = child.0.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut process = Self {
+            child,
+            lines,
+            start_line: String::new(),
+            listen: String::new(),
+        };
+        let start_line = process.wait_for("relay started");
+        process.listen = start_line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("listen="))
+            .expect("start line names the listen address")
+            .to_string();
+        process.start_line = start_line;
+        process
+    }
+
+    /// The first log line from now on that contains `needle`.
+    fn wait_for(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("the relay never logged {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.0.id().to_string();
+        let sent = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(sent.success());
+    }
+}
+
 fn write_config(dir: &std::path::Path, listen: &str) -> std::path::PathBuf {
     let path = dir.join("relay.toml");
     let text = format!(
@@ -144,31 +207,13 @@ async fn serve_answers_published_bundles_and_exits_0_on_sigterm() {
         .unwrap();
     assert!(published.status.success());
 
-    let mut child = KillOnDrop(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let relay = ServeProcess::start(&config);
+    let listen = relay.listen.clone();
+    assert!(
+        relay.start_line.contains("cache.bundles=1"),
+        "{}",
+        relay.start_line
     );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let start_line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("relay logs a start line");
-    assert!(start_line.contains("relay started"), "{start_line}");
-    assert!(start_line.contains("cache.bundles=1"), "{start_line}");
-    let listen = start_line
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("listen="))
-        .expect("start line names the listen address");
 
     let id = BundleId::of(&data);
     let got = within(
@@ -179,11 +224,8 @@ async fn serve_answers_published_bundles_and_exits_0_on_sigterm() {
     assert_eq!(got.header("x-patchrelay-cache"), Some("hit"));
     assert_eq!(got.bytes(), &data[..]);
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    relay.signal("-TERM");
+    let mut child = relay.child;
     let status = within(20, tokio::task::spawn_blocking(move || child.0.wait()))
         .await
         .unwrap()
@@ -195,44 +237,10 @@ async fn serve_answers_published_bundles_and_exits_0_on_sigterm() {
 async fn sighup_reloads_limits_and_rejects_a_broken_config() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "127.0.0.1:0");
-    let mut child = KillOnDrop(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_for = |needle: &str| loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the relay keeps logging");
-        if line.contains(needle) {
-            return line;
-        }
-    };
-    let start_line = wait_for("relay started");
-    let listen = start_line
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("listen="))
-        .expect("start line names the listen address")
-        .to_string();
-    let pid = child.0.id().to_string();
-    let hangup = || {
-        assert!(Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success())
-    };
+    let relay = ServeProcess::start(&config);
+    let listen = relay.listen.clone();
+    let hangup = || relay.signal("-HUP");
+    let wait_for = |needle: &str| relay.wait_for(needle);
 
     // A broken config is refused with its file and line, and the relay keeps serving.
     let good = std::fs::read_to_string(&config).unwrap();
