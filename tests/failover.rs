@@ -22,19 +22,10 @@ fn resumed_offset(range: &Option<String>) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parent_dying_mid_transfer_is_resumed_from_the_next_parent() {
     let dir = tempfile::tempdir().unwrap();
-    let dying = MockUpstream::start(Behavior::DieAfter(300_000)).await;
-    let healthy = MockUpstream::start(Behavior::Normal).await;
     let data = content(1_000_000, 11);
-    let id = dying.add(&data);
-    healthy.add(&data);
-
-    let leaf = start_relay(
-        "leaf",
-        dir.path(),
-        &[dying.base_url(), healthy.base_url()],
-        None,
-    )
-    .await;
+    let behaviors = [Behavior::DieAfter(300_000), Behavior::Normal];
+    let (leaf, parents, id) = leaf_with_parents(dir.path(), &data, &behaviors).await;
+    let healthy = &parents[1];
     let got = within(
         20,
         TestClient::default().get(&bundle_url(&url_of(&leaf), &id)),
@@ -95,19 +86,10 @@ async fn a_parent_relay_killed_mid_transfer_is_replaced_by_the_other_parent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_parent_is_left_after_the_stall_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let stalling = MockUpstream::start(Behavior::StallAfter(200_000)).await;
-    let healthy = MockUpstream::start(Behavior::Normal).await;
     let data = content(600_000, 13);
-    let id = stalling.add(&data);
-    healthy.add(&data);
-
-    let leaf = start_relay(
-        "leaf",
-        dir.path(),
-        &[stalling.base_url(), healthy.base_url()],
-        None,
-    )
-    .await;
+    let behaviors = [Behavior::StallAfter(200_000), Behavior::Normal];
+    let (leaf, parents, id) = leaf_with_parents(dir.path(), &data, &behaviors).await;
+    let healthy = &parents[1];
     let got = within(
         20,
         TestClient::default().get(&bundle_url(&url_of(&leaf), &id)),
@@ -123,20 +105,14 @@ async fn stalled_parent_is_left_after_the_stall_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parent_answering_a_range_with_the_whole_body_is_a_failed_parent() {
     let dir = tempfile::tempdir().unwrap();
-    let dying = MockUpstream::start(Behavior::DieAfter(100_000)).await;
-    let ignores_range = MockUpstream::start(Behavior::IgnoreRange).await;
-    let healthy = MockUpstream::start(Behavior::Normal).await;
     let data = content(400_000, 14);
-    let id = dying.add(&data);
-    ignores_range.add(&data);
-    healthy.add(&data);
-
-    let parents = [
-        dying.base_url(),
-        ignores_range.base_url(),
-        healthy.base_url(),
+    let behaviors = [
+        Behavior::DieAfter(100_000),
+        Behavior::IgnoreRange,
+        Behavior::Normal,
     ];
-    let leaf = start_relay("leaf", dir.path(), &parents, None).await;
+    let (leaf, parents, id) = leaf_with_parents(dir.path(), &data, &behaviors).await;
+    let (ignores_range, healthy) = (&parents[1], &parents[2]);
     let got = within(
         20,
         TestClient::default().get(&bundle_url(&url_of(&leaf), &id)),

@@ -22,19 +22,10 @@ fn assert_not_delivered(fetched: &Fetched) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_parent_aborts_the_client_and_the_next_request_succeeds_from_a_good_one() {
     let dir = tempfile::tempdir().unwrap();
-    let corrupt = MockUpstream::start(Behavior::Corrupt).await;
-    let good = MockUpstream::start(Behavior::Normal).await;
     let data = content(700_000, 21);
-    let id = corrupt.add(&data);
-    good.add(&data);
-
-    let leaf = start_relay(
-        "leaf",
-        dir.path(),
-        &[corrupt.base_url(), good.base_url()],
-        None,
-    )
-    .await;
+    let behaviors = [Behavior::Corrupt, Behavior::Normal];
+    let (leaf, parents, id) = leaf_with_parents(dir.path(), &data, &behaviors).await;
+    let (corrupt, good) = (&parents[0], &parents[1]);
     let url = bundle_url(&url_of(&leaf), &id);
     let client = TestClient::default();
 

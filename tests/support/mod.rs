@@ -308,6 +308,26 @@ pub async fn start_relay(id: &str, dir: &Path, parents: &[String], origin: Optio
     Relay::start(&config).await.expect("relay starts")
 }
 
+/// A relay `leaf` whose parents are mock upstreams, one per behavior in that order, each
+/// holding `data`.
+pub async fn leaf_with_parents(
+    dir: &Path,
+    data: &[u8],
+    behaviors: &[Behavior],
+) -> (Relay, Vec<MockUpstream>, BundleId) {
+    let mut parents = Vec::new();
+    for behavior in behaviors {
+        parents.push(MockUpstream::start(*behavior).await);
+    }
+    let id = BundleId::of(data);
+    for parent in &parents {
+        parent.add(data);
+    }
+    let urls: Vec<String> = parents.iter().map(MockUpstream::base_url).collect();
+    let leaf = start_relay("leaf", dir, &urls, None).await;
+    (leaf, parents, id)
+}
+
 /// Base URL of a running relay.
 pub fn url_of(relay: &Relay) -> String {
     format!("http://{}", relay.local_addr())
