@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::watch;
 
+use crate::cache::Lease;
 use crate::fill::FillState;
 
 /// The body type of every response the relay sends.
@@ -51,12 +52,21 @@ pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
 }
 
 /// Streams bytes `start..end` of `file`.
-pub fn file_range(file: Arc<File>, start: u64, end: u64, progress: Progress) -> ResponseBody {
+/// Streams bytes `start..end` of `file`, holding `lease` (which keeps the bundle from
+/// eviction) until the body ends or is dropped.
+pub fn file_range(
+    file: Arc<File>,
+    start: u64,
+    end: u64,
+    progress: Progress,
+    lease: Lease,
+) -> ResponseBody {
     let reader = RangeReader {
         file,
         pos: start,
         end,
         progress,
+        _lease: lease,
     };
     let chunks = stream::unfold(reader, |mut reader| async move {
         let chunk = reader.next_chunk().await?;
@@ -70,6 +80,7 @@ struct RangeReader {
     pos: u64,
     end: u64,
     progress: Progress,
+    _lease: Lease,
 }
 
 impl RangeReader {

@@ -11,15 +11,26 @@
 //! - `pins/` — an empty marker file per pinned bundle (published bundles are pinned), so
 //!   eviction, when it exists, has a durable list of what it must never remove.
 //!
+//! With `cache_max` set, a fill first reserves room for its bundle, evicting the least
+//! recently used complete bundles that are neither pinned nor being read (see
+//! [`lru`]); a bundle that cannot get room is served pass-through and not kept.
+//!
 //! All methods here are blocking; async callers run them on the blocking pool.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tracing::info;
 
 use crate::bundle::BundleId;
+
+mod lru;
+use lru::{Entry, Index};
 
 /// A cache directory opened for use.
 #[derive(Debug)]
@@ -27,6 +38,63 @@ pub struct Cache {
     objects: PathBuf,
     tmp: PathBuf,
     pins: PathBuf,
+    /// `cache_max`: most bytes of complete bundles to keep; `None` = no bound.
+    max: Option<u64>,
+    /// Bundles pinned in the config (besides the markers in `pins/`).
+    config_pins: HashSet<BundleId>,
+    index: Mutex<Index>,
+}
+
+/// How a serving cache is bounded.
+#[derive(Debug, Clone, Default)]
+pub struct CacheBounds {
+    /// Most bytes of complete bundles to keep; `None` = no bound.
+    pub max: Option<u64>,
+    /// Bundles never to evict, from the config.
+    pub pins: Vec<BundleId>,
+}
+
+/// Whether a fill may keep its bundle.
+#[derive(Debug)]
+pub enum Room {
+    /// Room is set aside until the reservation is dropped.
+    Granted(Reservation),
+    /// The bundle is larger than `cache_max`.
+    TooLarge,
+    /// Everything evictable would not make room (the rest is pinned or being read).
+    Full,
+}
+
+/// Space set aside for a running fill.
+#[derive(Debug)]
+pub struct Reservation {
+    cache: Arc<Cache>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.cache.index().reserved -= self.bytes;
+    }
+}
+
+/// A response reading a cached bundle; the bundle is not evicted while one exists.
+#[derive(Debug)]
+pub struct Lease {
+    cache: Arc<Cache>,
+    id: BundleId,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut index = self.cache.index();
+        if let Some(n) = index.in_use.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                index.in_use.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// What [`Cache::open_for_serving`] found.
@@ -79,6 +147,9 @@ impl Cache {
             objects: root.join("objects"),
             tmp: root.join("tmp"),
             pins: root.join("pins"),
+            max: None,
+            config_pins: HashSet::new(),
+            index: Mutex::default(),
         };
         for dir in [&cache.objects, &cache.tmp, &cache.pins] {
             fs::create_dir_all(dir).map_err(|source| CacheError {
@@ -90,14 +161,19 @@ impl Cache {
     }
 
     /// Opens the cache for a relay that is starting: removes leftovers of interrupted fills
-    /// and counts what is cached.
-    pub fn open_for_serving(root: &Path) -> Result<(Self, CacheSummary), CacheError> {
-        let cache = Self::open(root)?;
+    /// and indexes what is cached.
+    pub fn open_for_serving(
+        root: &Path,
+        bounds: CacheBounds,
+    ) -> Result<(Self, CacheSummary), CacheError> {
+        let mut cache = Self::open(root)?;
+        cache.max = bounds.max;
+        cache.config_pins = bounds.pins.into_iter().collect();
         let swept_temp_files = cache.sweep_tmp().map_err(|source| CacheError {
             path: cache.tmp.clone(),
             source,
         })?;
-        let (bundles, bytes) = cache.count().map_err(|source| CacheError {
+        let (bundles, bytes) = cache.load_index().map_err(|source| CacheError {
             path: cache.objects.clone(),
             source,
         })?;
@@ -117,11 +193,17 @@ impl Cache {
         self.objects.join(&hex[..2]).join(hex)
     }
 
-    /// Opens cached bundle `id`, with its length; `None` when it is not cached.
+    /// Opens cached bundle `id`, with its length, and records the access; `None` when it
+    /// is not cached.
     pub fn open_bundle(&self, id: &BundleId) -> io::Result<Option<(File, u64)>> {
         match File::open(self.object_path(id)) {
             Ok(file) => {
                 let len = file.metadata()?.len();
+                let now = SystemTime::now();
+                // The mtime carries recency across restarts. Failing to set it costs only
+                // recency, so it does not fail the request.
+                let _ = file.set_modified(now);
+                self.index().touch(*id, len, now);
                 Ok(Some((file, len)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -166,7 +248,76 @@ impl Cache {
         fs::create_dir_all(dir)?;
         fs::rename(&temp.path, &dest)?;
         temp.committed = true;
+        let size = temp.file.metadata()?.len();
+        self.index().touch(*id, size, SystemTime::now());
         File::open(dir)?.sync_all()
+    }
+
+    /// Marks bundle `id` as being read until the lease is dropped.
+    pub fn lease(self: &Arc<Self>, id: BundleId) -> Lease {
+        *self.index().in_use.entry(id).or_insert(0) += 1;
+        Lease {
+            cache: self.clone(),
+            id,
+        }
+    }
+
+    /// Sets aside `bytes` for a fill of `id`, evicting least recently used bundles if
+    /// needed.
+    pub fn reserve(self: &Arc<Self>, id: &BundleId, bytes: u64) -> Room {
+        let Some(max) = self.max else {
+            return Room::Granted(Reservation {
+                cache: self.clone(),
+                bytes: 0,
+            });
+        };
+        if bytes > max {
+            return Room::TooLarge;
+        }
+
+        let pinned = self.pinned_set();
+        let mut index = self.index();
+        let Some(victims) = index.victims(bytes, max, |v| pinned.contains(v) || v == id) else {
+            return Room::Full;
+        };
+        for (victim, entry) in victims {
+            match fs::remove_file(self.object_path(&victim)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(bundle.id = %victim, error = %e, "cannot evict");
+                    continue;
+                }
+            }
+            index.remove(&victim);
+            let idle = entry.last_access.elapsed().unwrap_or_default().as_secs();
+            info!(bundle.id = %victim, bytes = entry.size, idle_seconds = idle, "evicted");
+        }
+        index.reserved += bytes;
+        drop(index);
+        Room::Granted(Reservation {
+            cache: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes of complete bundles the index knows of.
+    pub fn used_bytes(&self) -> u64 {
+        self.index().used
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every pinned bundle: from the config and from the markers in `pins/`.
+    fn pinned_set(&self) -> HashSet<BundleId> {
+        let mut pinned = self.config_pins.clone();
+        if let Ok(markers) = fs::read_dir(&self.pins) {
+            let names = markers.filter_map(|m| m.ok()?.file_name().into_string().ok());
+            pinned.extend(names.filter_map(|name| name.parse::<BundleId>().ok()));
+        }
+        pinned
     }
 
     /// Marks `id` as pinned: never to be evicted.
@@ -180,9 +331,9 @@ impl Cache {
         File::open(&self.pins)?.sync_all()
     }
 
-    /// Whether `id` is pinned.
+    /// Whether `id` is pinned, by the config or by a marker.
     pub fn is_pinned(&self, id: &BundleId) -> bool {
-        self.pins.join(id.to_string()).is_file()
+        self.config_pins.contains(id) || self.pins.join(id.to_string()).is_file()
     }
 
     fn sweep_tmp(&self) -> io::Result<u64> {
@@ -206,22 +357,37 @@ impl Cache {
         Ok(removed)
     }
 
-    fn count(&self) -> io::Result<(u64, u64)> {
-        let (mut bundles, mut bytes) = (0, 0);
+    /// Indexes the objects, their mtimes as last access; returns their count and bytes.
+    fn load_index(&self) -> io::Result<(u64, u64)> {
+        let mut index = Index::default();
         for fan in fs::read_dir(&self.objects)? {
             let fan = fan?;
             if !fan.file_type()?.is_dir() {
                 continue;
             }
             for entry in fs::read_dir(fan.path())? {
-                let meta = entry?.metadata()?;
-                if meta.is_file() {
-                    bundles += 1;
-                    bytes += meta.len();
-                }
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                let id = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<BundleId>().ok());
+                let (Some(id), true) = (id, meta.is_file()) else {
+                    continue;
+                };
+                let last_access = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                index.insert(
+                    id,
+                    Entry {
+                        size: meta.len(),
+                        last_access,
+                    },
+                );
             }
         }
-        Ok((bundles, bytes))
+        let counts = (index.entries.len() as u64, index.used);
+        *self.index() = index;
+        Ok(counts)
     }
 }
 
@@ -248,7 +414,7 @@ mod tests {
     #[test]
     fn uncommitted_temp_files_vanish_and_committed_ones_are_found() {
         let dir = tempfile::tempdir().unwrap();
-        let (cache, summary) = Cache::open_for_serving(dir.path()).unwrap();
+        let (cache, summary) = Cache::open_for_serving(dir.path(), CacheBounds::default()).unwrap();
         assert_eq!(summary, CacheSummary::default());
 
         let id = BundleId::of(b"abc");
@@ -284,7 +450,7 @@ mod tests {
         // pid 1 is always alive: a file of a running process (a publish) is left alone.
         fs::write(dir.path().join(format!("tmp/{id}.1.0.part")), b"in use").unwrap();
 
-        let (_, summary) = Cache::open_for_serving(dir.path()).unwrap();
+        let (_, summary) = Cache::open_for_serving(dir.path(), CacheBounds::default()).unwrap();
         assert_eq!(
             summary,
             CacheSummary {

@@ -44,6 +44,10 @@ pub struct RelayConfig {
     /// How long running downloads may continue after SIGTERM before the relay exits.
     /// Default 30 s.
     pub shutdown_grace: Duration,
+    /// Most bytes of complete bundles the cache keeps; `None` (the default) = no bound.
+    pub cache_max: Option<u64>,
+    /// Bundles never evicted, besides published ones and those pinned by the admin API.
+    pub pins: Vec<BundleId>,
 }
 
 /// `[upstream]`: where this relay fetches what it lacks.
@@ -133,6 +137,9 @@ struct RawRelay {
     site: Spanned<String>,
     listen: Spanned<String>,
     cache_dir: Spanned<String>,
+    cache_max: Option<Spanned<String>>,
+    #[serde(default)]
+    pins: Vec<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
 }
 
@@ -245,12 +252,29 @@ impl Ctx<'_> {
             raw.shutdown_grace,
             DEFAULT_SHUTDOWN_GRACE,
         )?;
+        let cache_max = match &raw.cache_max {
+            None => None,
+            Some(v) => match crate::units::parse_size(v.get_ref()) {
+                Ok(bytes) if bytes > 0 => Some(bytes),
+                Ok(_) => return Err(self.invalid("relay.cache_max", v, "must be above 0".into())),
+                Err(msg) => return Err(self.invalid("relay.cache_max", v, msg)),
+            },
+        };
+        let mut pins = Vec::with_capacity(raw.pins.len());
+        for pin in &raw.pins {
+            let id = pin.get_ref().trim().parse::<BundleId>().map_err(|e| {
+                self.invalid("relay.pins", pin, format!("{:?}: {e}", pin.get_ref()))
+            })?;
+            pins.push(id);
+        }
         Ok(RelayConfig {
             id,
             site,
             listen,
             cache_dir,
             shutdown_grace,
+            cache_max,
+            pins,
         })
     }
 
@@ -409,6 +433,8 @@ stall_timeout = "1m"
             PathBuf::from("/etc/patchrelay/cache")
         );
         assert_eq!(config.relay.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.relay.cache_max, None);
+        assert!(config.relay.pins.is_empty());
         let parents: Vec<_> = config
             .upstream
             .parents
@@ -503,6 +529,23 @@ stall_timeout = "1m"
     fn relay_id_alphabet_is_enforced() {
         let err = error_text(&GOOD.replace("branch-7", r"branch 7\r\nX: y"));
         assert!(err.contains("relay.id"), "{err}");
+    }
+
+    #[test]
+    fn cache_max_and_pins() {
+        let id = BundleId::of(b"kb1");
+        let text = GOOD.replace(
+            "shutdown_grace = \"10s\"",
+            &format!("cache_max = \"200 GiB\"\npins = [\"{id}\"]"),
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.relay.cache_max, Some(200 << 30));
+        assert_eq!(config.relay.pins, [id]);
+
+        let err = error_text(&GOOD.replace("shutdown_grace = \"10s\"", "pins = [\"KB1\"]"));
+        assert!(err.starts_with("relay.toml:7: relay.pins:"), "{err}");
+        let err = error_text(&GOOD.replace("shutdown_grace = \"10s\"", "cache_max = \"big\""));
+        assert!(err.starts_with("relay.toml:7: relay.cache_max:"), "{err}");
     }
 
     #[test]

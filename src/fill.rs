@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::bundle::BundleId;
-use crate::cache::{Cache, TempFile};
+use crate::cache::{Cache, Room, TempFile};
 use crate::limits::{Limits, Priority};
 use crate::stats::Stats;
 use crate::upstream::{FetchError, Opened, Source, Upstream};
@@ -251,24 +251,34 @@ impl Fills {
             Err(e) => Err(e),
         };
         let last_source = transfer.last_source;
+        let room = transfer.room;
         match result {
             Ok(()) => {
-                self.finish_verified(registration, temp, &tx, started, &last_source)
-                    .await
+                let done = Verified {
+                    temp,
+                    room,
+                    started,
+                    last_source,
+                };
+                self.finish_verified(registration, done, &tx).await
             }
             Err(e) => self.finish_failed(registration, e, &tx),
         }
     }
 
-    /// Releases the followers, then commits the file into the cache.
+    /// Releases the followers, then commits the file into the cache if it has room.
     async fn finish_verified(
         &self,
         registration: Registration,
-        temp: TempFile,
+        done: Verified,
         tx: &watch::Sender<FillState>,
-        started: Instant,
-        last_source: &str,
     ) {
+        let Verified {
+            temp,
+            room,
+            started,
+            last_source,
+        } = done;
         // The bytes are verified, so followers may finish now. The commit (an fsync, slow
         // for a large bundle) runs while the fill is still registered, so requests arriving
         // meanwhile join it instead of starting a second transfer.
@@ -281,8 +291,14 @@ impl Fills {
         info!(bundle.id = %id, bytes, upstream.url = %last_source, seconds,
             rate_mib_s = format!("{rate_mib_s:.1}"), "fill complete");
 
+        let Some(Room::Granted(reservation)) = room else {
+            // Served pass-through: the temporary file goes when the last follower is done.
+            drop(registration);
+            return;
+        };
         let cache = self.cache.clone();
         let committed = tokio::task::spawn_blocking(move || cache.commit(temp, &id)).await;
+        drop(reservation);
         match committed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -380,6 +396,9 @@ impl Fills {
             t.total = Some(opened.total);
             t.tx.send_modify(|s| s.total = Some(opened.total));
         }
+        if t.room.is_none() {
+            t.room = Some(self.reserve_room(t.id, opened.total).await?);
+        }
 
         let before = t.written;
         let copied = t.copy_body(opened, self.upstream.stall_timeout()).await;
@@ -387,6 +406,23 @@ impl Fills {
             t.sources_used.push(source.index);
         }
         copied
+    }
+
+    /// Asks the cache for room for the bundle; a bundle that cannot have it is still
+    /// fetched and served, just not kept.
+    async fn reserve_room(&self, id: BundleId, bytes: u64) -> Result<Room, CopyError> {
+        let cache = self.cache.clone();
+        let room = tokio::task::spawn_blocking(move || cache.reserve(&id, bytes))
+            .await
+            .map_err(|e| CopyError::Local(std::io::Error::other(e)))?;
+        match room {
+            Room::Granted(_) => {}
+            Room::TooLarge => warn!(bundle.id = %id, bytes,
+                "bundle is larger than cache_max; serving it pass-through without caching"),
+            Room::Full => warn!(bundle.id = %id, bytes,
+                "no room in the cache (the rest is pinned or being read); serving pass-through"),
+        }
+        Ok(room)
     }
 
     /// Checks the hash of everything the transfer wrote against the id.
@@ -422,6 +458,8 @@ struct Transfer<'a> {
     hasher: blake3::Hasher,
     written: u64,
     total: Option<u64>,
+    /// Whether the cache has room to keep the bundle, decided once its length is known.
+    room: Option<Room>,
     /// Sources that contributed bytes, blamed together if the hash does not match.
     sources_used: Vec<usize>,
     last_source: String,
@@ -445,6 +483,7 @@ impl<'a> Transfer<'a> {
             hasher: blake3::Hasher::new(),
             written: 0,
             total: None,
+            room: None,
             sources_used: Vec::new(),
             last_source: String::new(),
         }
@@ -550,6 +589,14 @@ impl<'a> Transfer<'a> {
         self.tx.send_modify(|s| s.written = written);
         Ok(())
     }
+}
+
+/// A fill whose bytes hashed to its id, ready to be committed.
+struct Verified {
+    temp: TempFile,
+    room: Option<Room>,
+    started: Instant,
+    last_source: String,
 }
 
 /// Why copying from one source stopped: the source's fault (try the next) or ours (stop).

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::{Cache, CacheBounds, CacheError};
 use crate::config::Config;
 use crate::fill::Fills;
 use crate::limits::{Limits, SystemClock, WallClock};
@@ -63,8 +63,12 @@ impl Relay {
         clock: Arc<dyn WallClock>,
     ) -> Result<Self, StartError> {
         let cache_dir = config.relay.cache_dir.clone();
+        let bounds = CacheBounds {
+            max: config.relay.cache_max,
+            pins: config.relay.pins.clone(),
+        };
         let (cache, summary) =
-            tokio::task::spawn_blocking(move || Cache::open_for_serving(&cache_dir))
+            tokio::task::spawn_blocking(move || Cache::open_for_serving(&cache_dir, bounds))
                 .await
                 .expect("cache open does not panic")?;
         if summary.swept_temp_files > 0 {

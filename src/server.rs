@@ -301,7 +301,8 @@ async fn serve_bundle(
     }
     let status = if started { "miss" } else { "joined" };
     let progress = Progress::Live(fill.subscribe());
-    bundle_response(&request, fill.file.clone(), total, progress, status)
+    let file = fill.file.clone();
+    bundle_response(state, &request, file, total, progress, status)
 }
 
 async fn serve_cached(
@@ -321,11 +322,13 @@ async fn serve_cached(
     };
 
     Stats::bump(&state.stats.hits);
-    let response = bundle_response(request, Arc::new(file), len, Progress::Complete, "hit")?;
+    let file = Arc::new(file);
+    let response = bundle_response(state, request, file, len, Progress::Complete, "hit")?;
     Ok(Some(response))
 }
 
 fn bundle_response(
+    state: &AppState,
     request: &BundleRequest,
     file: Arc<std::fs::File>,
     len: u64,
@@ -360,7 +363,8 @@ fn bundle_response(
     let body = if request.head {
         body::empty()
     } else {
-        body::file_range(file, start, end, progress)
+        let lease = state.cache.lease(*id);
+        body::file_range(file, start, end, progress, lease)
     };
     builder
         .body(body)
