@@ -45,6 +45,15 @@ pub struct Cache {
     index: Mutex<Index>,
 }
 
+/// One complete bundle, as the admin API and `patchrelay cache ls` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheItem {
+    pub id: BundleId,
+    pub size: u64,
+    pub last_access: SystemTime,
+    pub pinned: bool,
+}
+
 /// How a serving cache is bounded.
 #[derive(Debug, Clone, Default)]
 pub struct CacheBounds {
@@ -299,6 +308,68 @@ impl Cache {
             cache: self.clone(),
             bytes,
         })
+    }
+
+    /// Every complete bundle the index knows of, most recently used first.
+    pub fn list(&self) -> Vec<CacheItem> {
+        let pinned = self.pinned_set();
+        let index = self.index();
+        let mut items: Vec<CacheItem> = index
+            .entries
+            .iter()
+            .map(|(id, entry)| CacheItem {
+                id: *id,
+                size: entry.size,
+                last_access: entry.last_access,
+                pinned: pinned.contains(id),
+            })
+            .collect();
+        items.sort_by_key(|item| std::cmp::Reverse((item.last_access, item.id)));
+        items
+    }
+
+    /// Whether `id` is pinned by the config (which the admin API cannot undo).
+    pub fn is_config_pinned(&self, id: &BundleId) -> bool {
+        self.config_pins.contains(id)
+    }
+
+    /// Removes `id`'s pin marker; `false` when there was none.
+    pub fn unpin(&self, id: &BundleId) -> io::Result<bool> {
+        match fs::remove_file(self.pins.join(id.to_string())) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes bundle `id` from the cache; `false` when it was not cached. Responses
+    /// already reading it finish from their open file.
+    pub fn purge(&self, id: &BundleId) -> io::Result<bool> {
+        let removed = match fs::remove_file(self.object_path(id)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        self.index().remove(id);
+        Ok(removed)
+    }
+
+    /// Re-hashes cached bundle `id`: `Ok(None)` when not cached, else whether its content
+    /// still hashes to its id.
+    pub fn verify(&self, id: &BundleId) -> io::Result<Option<bool>> {
+        let mut file = match File::open(self.object_path(id)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&mut file)?;
+        Ok(Some(id.matches(&hasher.finalize())))
+    }
+
+    /// `cache_max`, if set.
+    pub fn max_bytes(&self) -> Option<u64> {
+        self.max
     }
 
     /// Bytes of complete bundles the index knows of.

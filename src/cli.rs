@@ -7,8 +7,11 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cache::Cache;
+
+mod cache;
 use crate::config::Config;
 use crate::publish::publish_file;
+use cache::CacheCommand;
 
 /// Files at least this large get a progress bar while they are published.
 const PROGRESS_THRESHOLD: u64 = 64 * 1024 * 1024;
@@ -38,6 +41,20 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Inspect and manage a relay's cache through its admin API, or offline.
+    Cache {
+        /// The relay's config file (for its address, admin token or cache directory).
+        #[arg(short, long, default_value = "relay.toml")]
+        config: PathBuf,
+        /// Work directly on the cache directory of a stopped relay.
+        #[arg(long)]
+        offline: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -45,6 +62,15 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Publish { config, files } => publish(&config, &files),
+        Command::Cache {
+            config,
+            offline,
+            json,
+            command,
+        } => match load(&config) {
+            Ok(config) => cache::run(&config, command, offline, json),
+            Err(code) => code,
+        },
     }
 }
 

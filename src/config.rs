@@ -28,6 +28,39 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// `[limits]`: bandwidth and request caps. Absent = unlimited.
     pub limits: LimitsConfig,
+    /// `[admin]`: the admin API.
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the admin API under `/v1/admin/`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AdminConfig {
+    /// File holding the bearer token every admin call must present. `None` = admin API
+    /// off.
+    pub token_file: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    /// Reads the token; `Ok(None)` when the admin API is off.
+    pub fn read_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let token = text.trim();
+        if token.len() < 16 {
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                line: 1,
+                key: "admin.token_file".into(),
+                message: "the token must be at least 16 characters".into(),
+            });
+        }
+        Ok(Some(token.to_string()))
+    }
 }
 
 /// `[relay]`: who this relay is and where it keeps its cache.
@@ -128,6 +161,13 @@ struct RawConfig {
     relay: RawRelay,
     upstream: Option<RawUpstream>,
     limits: Option<limits::RawLimits>,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -190,11 +230,18 @@ impl Config {
             Some(raw) => ctx.limits(raw)?,
             None => LimitsConfig::default(),
         };
+        let admin = AdminConfig {
+            token_file: raw.admin.and_then(|a| a.token_file).and_then(|file| {
+                let file = file.into_inner();
+                (!file.trim().is_empty()).then(|| base_dir.join(file.trim()))
+            }),
+        };
         Ok(Self {
             source: None,
             relay,
             upstream,
             limits,
+            admin,
         })
     }
 

@@ -13,10 +13,12 @@
 //! - [`upstream`]: parents, origin, failover order and the HTTP client.
 //! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
-//! - [`cli`]: the command line.
+//! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
+//! - [`admin`]: the admin API.  [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
 pub mod bundle;
 pub mod cache;

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::cache::{Cache, CacheBounds, CacheError};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::fill::Fills;
 use crate::limits::{Limits, SystemClock, WallClock};
 use crate::server::{self, AppState};
@@ -25,6 +25,8 @@ use crate::upstream::Upstream;
 /// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("cannot listen on {addr}: {source}")]
@@ -62,6 +64,7 @@ impl Relay {
         config: &Config,
         clock: Arc<dyn WallClock>,
     ) -> Result<Self, StartError> {
+        let admin_token = config.admin.read_token()?;
         let cache_dir = config.relay.cache_dir.clone();
         let bounds = CacheBounds {
             max: config.relay.cache_max,
@@ -101,6 +104,7 @@ impl Relay {
             fills,
             limits.clone(),
             stats,
+            admin_token,
         ));
 
         let caps = limits.caps();

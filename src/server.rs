@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http::header::{
     ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
-    IF_NONE_MATCH, IF_RANGE, RANGE, RETRY_AFTER,
+    IF_NONE_MATCH, IF_RANGE, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::admin;
 use crate::body::{self, Progress, ResponseBody};
 use crate::bundle::{BundleId, BundleIdError};
 use crate::cache::Cache;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub fills: Arc<Fills>,
     pub limits: Arc<Limits>,
     pub stats: Arc<Stats>,
+    /// The admin API's bearer token; `None` = admin API off.
+    pub admin_token: Option<String>,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
         fills: Arc<Fills>,
         limits: Arc<Limits>,
         stats: Arc<Stats>,
+        admin_token: Option<String>,
     ) -> Self {
         let relay_id_header =
             HeaderValue::from_str(relay_id).expect("config validation keeps relay ids header-safe");
@@ -73,6 +77,7 @@ impl AppState {
             fills,
             limits,
             stats,
+            admin_token,
         }
     }
 }
@@ -94,6 +99,16 @@ pub enum ApiError {
     Fill(#[from] FillError),
     #[error(transparent)]
     Limited(#[from] Refusal),
+    #[error("the admin API is off: no [admin] token_file is configured")]
+    AdminOff,
+    #[error("admin calls need an Authorization: Bearer token")]
+    Unauthorized,
+    #[error("wrong admin token")]
+    Forbidden,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("bundle {id} is not cached here")]
+    NotCached { id: BundleId },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -121,6 +136,10 @@ impl ApiError {
             Self::Fill(FillError::Local { .. }) | Self::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            Self::AdminOff | Self::NotCached { .. } => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Self::Limited(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -172,6 +191,7 @@ impl ApiError {
                 builder = builder.header(CONTENT_RANGE, format!("bytes */{len}"))
             }
             Self::Method { .. } => builder = builder.header(ALLOW, "GET, HEAD"),
+            Self::Unauthorized => builder = builder.header(WWW_AUTHENTICATE, "Bearer"),
             Self::Limited(refusal) => {
                 builder = builder.header(RETRY_AFTER, refusal.retry_after_secs())
             }
@@ -209,6 +229,9 @@ async fn route<B>(
     state.limits.check_request(client)?;
 
     let path = request.uri().path();
+    if let Some(admin_path) = path.strip_prefix("/v1/admin/") {
+        return admin::route(state, request.method(), admin_path, request.headers()).await;
+    }
     let Some(id) = path.strip_prefix("/v1/bundles/") else {
         return Err(ApiError::NoRoute {
             path: path.to_string(),

@@ -1,0 +1,225 @@
+//! `patchrelay cache ls | pin ID | unpin ID | purge ID | verify`: the admin API from the
+//! command line, or with `--offline` directly on a stopped relay's cache directory.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::Subcommand;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::admin::{self, CacheListing, Verified};
+use crate::bundle::BundleId;
+use crate::cache::{Cache, CacheBounds};
+use crate::config::Config;
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CacheCommand {
+    /// List the cached bundles, most recently used first.
+    Ls,
+    /// Pin a bundle: never evict it.
+    Pin { id: BundleId },
+    /// Remove an admin pin.
+    Unpin { id: BundleId },
+    /// Remove a bundle from the cache (it must not be pinned).
+    Purge { id: BundleId },
+    /// Re-hash every cached bundle; exits 1 if any does not match its id.
+    Verify,
+}
+
+/// Runs a cache command; `offline` works on the cache directory instead of the API.
+pub fn run(config: &Config, command: CacheCommand, offline: bool, json: bool) -> ExitCode {
+    let result = if offline {
+        offline_call(config, &command)
+    } else {
+        online_call(config, &command)
+    };
+    match result {
+        Ok(output) => print(&command, output, json),
+        Err(message) => {
+            eprintln!("patchrelay: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a command produced, whichever way it ran.
+enum Output {
+    Listing(CacheListing),
+    Verified(Vec<Verified>),
+    Done(serde_json::Value),
+}
+
+fn offline_call(config: &Config, command: &CacheCommand) -> Result<Output, String> {
+    let bounds = CacheBounds {
+        max: config.relay.cache_max,
+        pins: config.relay.pins.clone(),
+    };
+    let (cache, _) =
+        Cache::open_for_serving(&config.relay.cache_dir, bounds).map_err(|e| e.to_string())?;
+    let done = |id: &BundleId, what: &str, value: bool| {
+        Output::Done(serde_json::json!({ "id": id.to_string(), what: value }))
+    };
+    match command {
+        CacheCommand::Ls => Ok(Output::Listing(admin::listing(&cache))),
+        CacheCommand::Pin { id } => {
+            cache.pin(id).map_err(|e| e.to_string())?;
+            Ok(done(id, "pinned", true))
+        }
+        CacheCommand::Unpin { id } => {
+            admin::unpin(&cache, id).map_err(|e| e.to_string())?;
+            Ok(done(id, "pinned", false))
+        }
+        CacheCommand::Purge { id } => {
+            admin::purge(&cache, id).map_err(|e| e.to_string())?;
+            Ok(done(id, "purged", true))
+        }
+        CacheCommand::Verify => Ok(Output::Verified(
+            admin::verify_all(&cache).map_err(|e| e.to_string())?,
+        )),
+    }
+}
+
+fn online_call(config: &Config, command: &CacheCommand) -> Result<Output, String> {
+    let token = config
+        .admin
+        .read_token()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            "the admin API is off (no [admin] token_file); use --offline on a stopped relay"
+                .to_string()
+        })?;
+    let (method, path) = match command {
+        CacheCommand::Ls => (Method::GET, "cache".to_string()),
+        CacheCommand::Pin { id } => (Method::PUT, format!("pins/{id}")),
+        CacheCommand::Unpin { id } => (Method::DELETE, format!("pins/{id}")),
+        CacheCommand::Purge { id } => (Method::DELETE, format!("cache/{id}")),
+        CacheCommand::Verify => (Method::POST, "verify".to_string()),
+    };
+    let url = format!("http://{}/v1/admin/{path}", reachable(config.relay.listen));
+    let body = call(method, &url, &token)?;
+    let parse = |e: serde_json::Error| format!("{url}: unexpected answer: {e}");
+    Ok(match command {
+        CacheCommand::Ls => Output::Listing(serde_json::from_slice(&body).map_err(parse)?),
+        CacheCommand::Verify => Output::Verified(serde_json::from_slice(&body).map_err(parse)?),
+        _ => Output::Done(serde_json::from_slice(&body).map_err(parse)?),
+    })
+}
+
+/// The address to reach a relay listening on `listen` from this machine.
+fn reachable(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, listen.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, listen.port()).into(),
+        _ => listen,
+    }
+}
+
+fn call(method: Method, url: &str, token: &str) -> Result<Vec<u8>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let request = Request::builder()
+            .method(method)
+            .uri(url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Empty::new())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| format!("{url}: relay not reachable ({e}); is it running?"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let body = body.to_bytes().to_vec();
+        if !status.is_success() {
+            let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let message = error["error"].as_str().unwrap_or("no details");
+            return Err(format!("{url}: {status}: {message}"));
+        }
+        Ok(body)
+    })
+}
+
+fn print(command: &CacheCommand, output: Output, json: bool) -> ExitCode {
+    let failed = matches!(&output, Output::Verified(v) if v.iter().any(|r| !r.ok));
+    if json {
+        let value = match &output {
+            Output::Listing(listing) => serde_json::to_value(listing),
+            Output::Verified(results) => serde_json::to_value(results),
+            Output::Done(value) => Ok(value.clone()),
+        };
+        println!("{}", value.unwrap_or_default());
+    } else {
+        match output {
+            Output::Listing(listing) => print_listing(&listing),
+            Output::Verified(results) => {
+                for r in &results {
+                    println!("{}  {}", r.id, if r.ok { "ok" } else { "CORRUPT" });
+                }
+                let bad = results.iter().filter(|r| !r.ok).count();
+                println!("{} bundles checked, {bad} corrupt", results.len());
+            }
+            Output::Done(_) => match command {
+                CacheCommand::Pin { id } => println!("pinned {id}"),
+                CacheCommand::Unpin { id } => println!("unpinned {id}"),
+                CacheCommand::Purge { id } => println!("purged {id}"),
+                _ => {}
+            },
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_listing(listing: &CacheListing) {
+    println!(
+        "{:<64}  {:>10}  {:<20}  PINNED",
+        "ID", "SIZE", "LAST ACCESS"
+    );
+    for b in &listing.bundles {
+        let pinned = if b.pinned { "yes" } else { "" };
+        println!(
+            "{:<64}  {:>10}  {:<20}  {pinned}",
+            b.id,
+            human(b.size),
+            b.last_access
+        );
+    }
+    let max = listing
+        .cache_max
+        .map_or_else(|| "no bound".to_string(), human);
+    println!(
+        "{} bundles, {} of {max}",
+        listing.bundles.len(),
+        human(listing.used_bytes)
+    );
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
