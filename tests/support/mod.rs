@@ -399,23 +399,40 @@ impl TestClient {
     }
 
     pub async fn send(&self, method: &str, url: &str, headers: &[(&str, &str)]) -> Fetched {
+        self.try_send(method, url, headers)
+            .await
+            .expect("relay answers")
+    }
+
+    /// Like [`TestClient::send`], but a connection cut before the response head is an
+    /// `Err` rather than a panic (a relay aborts a body that fails before its first byte).
+    pub async fn try_send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Fetched, String> {
         let mut request = Request::builder().method(method).uri(url);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
         let request = request.body(Empty::new()).expect("valid test request");
-        let response = self.client.request(request).await.expect("relay answers");
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = response.into_parts();
         let body = body
             .collect()
             .await
             .map(|collected| collected.to_bytes().to_vec())
             .map_err(|e| format!("{e:?}"));
-        Fetched {
+        Ok(Fetched {
             status: parts.status,
             headers: parts.headers,
             body,
-        }
+        })
     }
 }
 
