@@ -9,13 +9,16 @@
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use serde::Serialize;
 use tracing::info;
 
 use crate::body::{self, ResponseBody};
 use crate::bundle::BundleId;
 use crate::cache::{Cache, CacheItem};
+use crate::manifest::{self, Manifest, ManifestEntry};
 use crate::server::{ApiError, AppState};
 
 /// One bundle in `GET /v1/admin/cache`.
@@ -26,7 +29,7 @@ pub struct CacheEntry {
     /// RFC 3339, UTC.
     pub last_access: String,
     pub pinned: bool,
-    /// Part of the current manifest (pre-staging is not built yet: always false).
+    /// Part of the current manifest.
     pub in_manifest: bool,
 }
 
@@ -59,31 +62,30 @@ impl From<CacheItem> for CacheEntry {
     }
 }
 
-/// Answers an admin request (`path` is what follows `/v1/admin/`).
+/// Answers a request under `/v1/admin/`.
 pub async fn route(
     state: &AppState,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
+    request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    authorize(state, headers)?;
+    authorize(state, request.headers())?;
+    let method = request.method().clone();
+    let path = request
+        .uri()
+        .path()
+        .trim_start_matches("/v1/admin/")
+        .to_string();
+    if (&method, path.as_str()) == (&Method::PUT, "manifest") {
+        return set_manifest(state, request).await;
+    }
+    let path = path.as_str();
     let cache = state.cache.clone();
     let (resource, id) = match path.split_once('/') {
         Some((resource, id)) => (resource, Some(id.parse::<BundleId>()?)),
         None => (path, None),
     };
 
-    match (method, resource, id) {
-        (&Method::GET, "cache", None) => {
-            let max = cache.max_bytes();
-            let (items, used) = blocking(move || Ok((cache.list(), cache.used_bytes()))).await?;
-            let bundles = items.into_iter().map(CacheEntry::from).collect();
-            json(&CacheListing {
-                bundles,
-                used_bytes: used,
-                cache_max: max,
-            })
-        }
+    match (&method, resource, id) {
+        (&Method::GET, "cache", None) => json(&blocking(move || Ok(listing(&cache))).await?),
         (&Method::PUT, "pins", Some(id)) => {
             blocking(move || cache.pin(&id)).await?;
             info!(bundle.id = %id, "pinned by the admin API");
@@ -145,7 +147,18 @@ impl From<AdminError> for ApiError {
 
 /// The cache listing, as `GET /v1/admin/cache` and `patchrelay cache ls` show it.
 pub fn listing(cache: &Cache) -> CacheListing {
-    let bundles = cache.list().into_iter().map(CacheEntry::from).collect();
+    let manifest = manifest::load(cache.root()).unwrap_or_default();
+    let bundles = cache
+        .list()
+        .into_iter()
+        .map(|item| {
+            let in_manifest = manifest.contains(&item.id);
+            CacheEntry {
+                in_manifest,
+                ..CacheEntry::from(item)
+            }
+        })
+        .collect();
     CacheListing {
         bundles,
         used_bytes: cache.used_bytes(),
@@ -204,7 +217,80 @@ where
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-fn json<T: Serialize>(value: &T) -> Result<Response<ResponseBody>, ApiError> {
+/// `PUT /v1/admin/manifest` body: the bundles of the new cycle.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestRequest {
+    pub bundles: Vec<ManifestRequestEntry>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestRequestEntry {
+    pub id: String,
+    #[serde(default)]
+    pub ready_by: Option<DateTime<Utc>>,
+}
+
+/// Largest manifest body accepted.
+const MAX_MANIFEST_BODY: usize = 1024 * 1024;
+
+async fn set_manifest(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    if !state.is_root {
+        let why = "this relay takes its manifest from its parent; set it at the root";
+        return Err(ApiError::Conflict(why.into()));
+    }
+    let body = Limited::new(request.into_body(), MAX_MANIFEST_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("manifest body: {e}")))?
+        .to_bytes();
+    let wanted: ManifestRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("manifest body: {e}")))?;
+    let mut entries = Vec::with_capacity(wanted.bundles.len());
+    for entry in wanted.bundles {
+        let id: BundleId = entry.id.parse()?;
+        entries.push((id, entry.ready_by));
+    }
+    let cache = state.cache.clone();
+    let manifest = blocking(move || Ok(replace_manifest(&cache, &entries))).await??;
+    json(&manifest)
+}
+
+/// Makes `entries` the root's manifest, with sizes from the cache and the next version.
+/// Every bundle must be in the cache: a manifest names only what the tree can fetch.
+pub fn replace_manifest(
+    cache: &Cache,
+    entries: &[(BundleId, Option<DateTime<Utc>>)],
+) -> Result<Manifest, AdminError> {
+    let mut bundles = Vec::with_capacity(entries.len());
+    for (id, ready_by) in entries {
+        let size = std::fs::metadata(cache.object_path(id)).map_err(|_| {
+            AdminError::Conflict(format!("bundle {id} is not cached here; publish it first"))
+        })?;
+        bundles.push(ManifestEntry {
+            id: *id,
+            size: size.len(),
+            ready_by: *ready_by,
+        });
+    }
+    let version = manifest::load(cache.root())?.version + 1;
+    let manifest = Manifest { version, bundles };
+    manifest::save(cache.root(), &manifest)?;
+    cache.set_manifest_pins(manifest.bundles.iter().map(|b| b.id).collect());
+    info!(
+        manifest.version = version,
+        bundles = manifest.bundles.len(),
+        "manifest set"
+    );
+    Ok(manifest)
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(value: &T) -> Result<Response<ResponseBody>, ApiError> {
     let bytes = serde_json::to_vec(value).map_err(|e| ApiError::Internal(e.to_string()))?;
     Response::builder()
         .status(StatusCode::OK)

@@ -35,6 +35,7 @@ use lru::{Entry, Index};
 /// A cache directory opened for use.
 #[derive(Debug)]
 pub struct Cache {
+    root: PathBuf,
     objects: PathBuf,
     tmp: PathBuf,
     pins: PathBuf,
@@ -42,6 +43,8 @@ pub struct Cache {
     max: Option<u64>,
     /// Bundles pinned in the config (besides the markers in `pins/`).
     config_pins: HashSet<BundleId>,
+    /// Bundles of the current manifest: pinned while they are in it.
+    manifest_pins: Mutex<HashSet<BundleId>>,
     index: Mutex<Index>,
 }
 
@@ -153,11 +156,13 @@ impl Cache {
     /// Creates the layout under `root` if needed.
     pub fn open(root: &Path) -> Result<Self, CacheError> {
         let cache = Self {
+            root: root.to_path_buf(),
             objects: root.join("objects"),
             tmp: root.join("tmp"),
             pins: root.join("pins"),
             max: None,
             config_pins: HashSet::new(),
+            manifest_pins: Mutex::default(),
             index: Mutex::default(),
         };
         for dir in [&cache.objects, &cache.tmp, &cache.pins] {
@@ -384,6 +389,7 @@ impl Cache {
     /// Every pinned bundle: from the config and from the markers in `pins/`.
     fn pinned_set(&self) -> HashSet<BundleId> {
         let mut pinned = self.config_pins.clone();
+        pinned.extend(self.manifest_pins().iter().copied());
         if let Ok(markers) = fs::read_dir(&self.pins) {
             let names = markers.filter_map(|m| m.ok()?.file_name().into_string().ok());
             pinned.extend(names.filter_map(|name| name.parse::<BundleId>().ok()));
@@ -402,9 +408,25 @@ impl Cache {
         File::open(&self.pins)?.sync_all()
     }
 
-    /// Whether `id` is pinned, by the config or by a marker.
+    /// Whether `id` is pinned: by the config, the manifest or a marker.
     pub fn is_pinned(&self, id: &BundleId) -> bool {
-        self.config_pins.contains(id) || self.pins.join(id.to_string()).is_file()
+        self.config_pins.contains(id)
+            || self.manifest_pins().contains(id)
+            || self.pins.join(id.to_string()).is_file()
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Pins exactly the bundles of the current manifest (unpinning those that left it).
+    pub fn set_manifest_pins(&self, ids: HashSet<BundleId>) {
+        *self.manifest_pins.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+    }
+
+    fn manifest_pins(&self) -> MutexGuard<'_, HashSet<BundleId>> {
+        self.manifest_pins.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn sweep_tmp(&self) -> io::Result<u64> {

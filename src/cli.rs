@@ -37,6 +37,14 @@ pub enum Command {
         /// The config of the relay whose cache receives the files (normally a root).
         #[arg(short, long, default_value = "relay.toml")]
         config: PathBuf,
+        /// Also make these files the manifest of the current patch cycle (root only), so
+        /// every relay of the tree pre-stages them.
+        #[arg(long)]
+        manifest: bool,
+        /// With --manifest: when the bundles must be ready at every relay (RFC 3339, e.g.
+        /// 2026-12-08T06:00:00Z).
+        #[arg(long, requires = "manifest")]
+        ready_by: Option<chrono::DateTime<chrono::Utc>>,
         /// Files to publish.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -61,7 +69,15 @@ pub enum Command {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Publish { config, files } => publish(&config, &files),
+        Command::Publish {
+            config,
+            manifest,
+            ready_by,
+            files,
+        } => {
+            let manifest = manifest.then_some(ready_by);
+            publish(&config, &files, manifest)
+        }
         Command::Cache {
             config,
             offline,
@@ -106,7 +122,13 @@ fn serve(path: &Path) -> ExitCode {
     }
 }
 
-fn publish(config_path: &Path, files: &[PathBuf]) -> ExitCode {
+/// Publishes `files`; with `manifest` (holding the optional deadline), also makes them the
+/// manifest.
+fn publish(
+    config_path: &Path,
+    files: &[PathBuf],
+    manifest: Option<Option<chrono::DateTime<chrono::Utc>>>,
+) -> ExitCode {
     let config = match load(config_path) {
         Ok(config) => config,
         Err(code) => return code,
@@ -118,6 +140,13 @@ fn publish(config_path: &Path, files: &[PathBuf]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if manifest.is_some() && !config.is_root() {
+        eprintln!(
+            "patchrelay: --manifest: relay {} has parents; set the manifest at the root",
+            config.relay.id
+        );
+        return ExitCode::from(2);
+    }
     if !config.is_root() {
         eprintln!(
             "patchrelay: note: relay {} has parents; bundles published here are pinned at this \
@@ -127,12 +156,14 @@ fn publish(config_path: &Path, files: &[PathBuf]) -> ExitCode {
     }
 
     let mut failed = false;
+    let mut published_ids = Vec::new();
     for file in files {
         let bar = progress_bar(file);
         let result = publish_file(&cache, file, &mut |n| bar.set_position(n));
         bar.finish_and_clear();
         match result {
             Ok(published) => {
+                published_ids.push(published.id);
                 let note = if published.already_cached {
                     "  (already cached)"
                 } else {
@@ -152,10 +183,24 @@ fn publish(config_path: &Path, files: &[PathBuf]) -> ExitCode {
         }
     }
     if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+        return ExitCode::FAILURE;
     }
+
+    if let Some(ready_by) = manifest {
+        let entries: Vec<_> = published_ids.into_iter().map(|id| (id, ready_by)).collect();
+        match crate::admin::replace_manifest(&cache, &entries) {
+            Ok(m) => println!(
+                "manifest version {}: {} bundles",
+                m.version,
+                m.bundles.len()
+            ),
+            Err(e) => {
+                eprintln!("patchrelay: manifest: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// A progress bar on stderr for a large file; hidden for small files or when stderr is

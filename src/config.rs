@@ -30,7 +30,21 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[admin]`: the admin API.
     pub admin: AdminConfig,
+    /// `[prestage]`: following the parent's manifest.
+    pub prestage: PrestageConfig,
 }
+
+/// `[prestage]`: how a relay with parents follows their manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrestageConfig {
+    /// How often the parent's manifest is polled. Default 10 minutes.
+    pub interval: Duration,
+    /// When background fills may run (in `limits.timezone`); `None` = any time. A bundle
+    /// whose deadline cannot wait for the window starts anyway.
+    pub window: Option<Window>,
+}
+
+const DEFAULT_PRESTAGE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// `[admin]`: the admin API under `/v1/admin/`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -162,6 +176,16 @@ struct RawConfig {
     upstream: Option<RawUpstream>,
     limits: Option<limits::RawLimits>,
     admin: Option<RawAdmin>,
+    prestage: Option<RawPrestage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrestage {
+    interval: Option<Spanned<String>>,
+    days: Option<Spanned<Vec<String>>>,
+    from: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +254,13 @@ impl Config {
             Some(raw) => ctx.limits(raw)?,
             None => LimitsConfig::default(),
         };
+        let prestage = match raw.prestage {
+            None => PrestageConfig {
+                interval: DEFAULT_PRESTAGE_INTERVAL,
+                window: None,
+            },
+            Some(raw) => ctx.prestage(raw)?,
+        };
         let admin = AdminConfig {
             token_file: raw.admin.and_then(|a| a.token_file).and_then(|file| {
                 let file = file.into_inner();
@@ -242,6 +273,7 @@ impl Config {
             upstream,
             limits,
             admin,
+            prestage,
         })
     }
 
@@ -323,6 +355,26 @@ impl Ctx<'_> {
             cache_max,
             pins,
         })
+    }
+
+    fn prestage(&self, raw: RawPrestage) -> Result<PrestageConfig, ConfigError> {
+        let interval =
+            self.duration("prestage.interval", raw.interval, DEFAULT_PRESTAGE_INTERVAL)?;
+        let window = match (&raw.days, &raw.from, &raw.to) {
+            (None, None, None) => None,
+            (Some(days), Some(from), Some(to)) => {
+                Some(self.window_times("prestage", (days, from, to))?)
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    path: self.name.to_string(),
+                    line: 1,
+                    key: "prestage".into(),
+                    message: "a window needs all of days, from and to".into(),
+                })
+            }
+        };
+        Ok(PrestageConfig { interval, window })
     }
 
     fn upstream(

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,9 @@ pub struct Fill {
     /// The file being written; stays readable after it is renamed into the cache.
     pub file: Arc<File>,
     state: watch::Receiver<FillState>,
+    /// An agent waits for this fill: it takes upstream budget as on-demand. A background
+    /// (pre-staging) fill becomes urgent when a request joins it.
+    urgent: Arc<AtomicBool>,
 }
 
 impl Fill {
@@ -165,15 +168,29 @@ impl Fills {
     /// caller's cache lookup has already renamed its file into place, and starting a
     /// second transfer for it would break the one-transfer promise.
     pub fn join(self: &Arc<Self>, id: BundleId) -> std::io::Result<Joined> {
-        self.join_or_start(id, Sources::All)
+        self.join_or_start(id, Sources::All, true)
     }
 
-    fn join_or_start(self: &Arc<Self>, id: BundleId, sources: Sources) -> std::io::Result<Joined> {
+    /// Starts a background fill of `id` (pre-staging), or joins the running one. It takes
+    /// upstream budget after on-demand fills, until a request joins it.
+    pub fn prefetch(self: &Arc<Self>, id: BundleId) -> std::io::Result<Joined> {
+        self.join_or_start(id, Sources::All, false)
+    }
+
+    fn join_or_start(
+        self: &Arc<Self>,
+        id: BundleId,
+        sources: Sources,
+        urgent: bool,
+    ) -> std::io::Result<Joined> {
         let mut running = self
             .running
             .lock()
             .expect("fill registry lock is never poisoned");
         if let Some(fill) = running.get(&id) {
+            if urgent {
+                fill.urgent.store(true, Ordering::Relaxed);
+            }
             return Ok(Joined::Fill {
                 fill: fill.clone(),
                 started: false,
@@ -189,6 +206,7 @@ impl Fills {
             id,
             file: temp.file().clone(),
             state: rx,
+            urgent: Arc::new(AtomicBool::new(urgent)),
         });
         running.insert(id, fill.clone());
         drop(running);
@@ -245,7 +263,8 @@ impl Fills {
     ) {
         let id = registration.fill.id;
         let started = Instant::now();
-        let mut transfer = Transfer::new(id, &temp, &tx, &self.limits, &self.stats);
+        let urgent = registration.fill.urgent.clone();
+        let mut transfer = Transfer::new(id, &temp, &tx, &self.limits, &self.stats, urgent);
         let result = match self.fetch_all(&mut transfer, sources).await {
             Ok(()) => self.verify(&transfer),
             Err(e) => Err(e),
@@ -339,7 +358,7 @@ impl Fills {
         // it used, so refetches end after at most one per source.
         if retry {
             info!(bundle.id = %id, "refetching from the next source after failed verification");
-            if let Err(e) = self.join_or_start(id, Sources::Unpenalized) {
+            if let Err(e) = self.join_or_start(id, Sources::Unpenalized, true) {
                 error!(bundle.id = %id, error = %e, "cannot start refetch");
             }
         }
@@ -452,8 +471,8 @@ struct Transfer<'a> {
     file: Arc<File>,
     tx: &'a watch::Sender<FillState>,
     limits: &'a Limits,
-    /// Every fill today has an agent waiting; pre-staging fills will be `Background`.
-    priority: Priority,
+    /// Set while an agent waits for this fill (see [`Fill`]).
+    urgent: Arc<AtomicBool>,
     stats: &'a Stats,
     hasher: blake3::Hasher,
     written: u64,
@@ -472,13 +491,14 @@ impl<'a> Transfer<'a> {
         tx: &'a watch::Sender<FillState>,
         limits: &'a Limits,
         stats: &'a Stats,
+        urgent: Arc<AtomicBool>,
     ) -> Self {
         Self {
             id,
             file: temp.file().clone(),
             tx,
             limits,
-            priority: Priority::OnDemand,
+            urgent,
             stats,
             hasher: blake3::Hasher::new(),
             written: 0,
@@ -539,7 +559,12 @@ impl<'a> Transfer<'a> {
                             return Err(FetchError::Protocol { url, message }.into());
                         }
                         // The WAN cap: not reading on holds the parent back through TCP.
-                        self.limits.take_upstream(data.len(), self.priority).await;
+                        let priority = if self.urgent.load(Ordering::Relaxed) {
+                            Priority::OnDemand
+                        } else {
+                            Priority::Background
+                        };
+                        self.limits.take_upstream(data.len(), priority).await;
                         buf.extend_from_slice(&data);
                     }
                     if buf.len() >= WRITE_CHUNK {

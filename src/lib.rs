@@ -14,6 +14,7 @@
 //! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
+//! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
 //! - [`admin`]: the admin API.  [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,8 @@ pub mod cli;
 pub mod config;
 pub mod fill;
 pub mod limits;
+pub mod manifest;
+pub mod prestage;
 pub mod publish;
 pub mod range;
 pub mod relay;

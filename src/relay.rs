@@ -17,6 +17,7 @@ use crate::cache::{Cache, CacheBounds, CacheError};
 use crate::config::{Config, ConfigError};
 use crate::fill::Fills;
 use crate::limits::{Limits, SystemClock, WallClock};
+use crate::prestage::{Prestage, PrestageStatus};
 use crate::server::{self, AppState};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::units::format_rate;
@@ -49,6 +50,9 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     schedule: JoinHandle<()>,
+    /// Following the parent's manifest (relays with parents only).
+    prestage: Option<JoinHandle<()>>,
+    prestage_status: Arc<Mutex<PrestageStatus>>,
 }
 
 impl Relay {
@@ -93,19 +97,45 @@ impl Relay {
             source,
         })?;
 
+        let manifest = crate::manifest::load(&config.relay.cache_dir).unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the saved manifest; starting without one");
+            crate::manifest::Manifest::default()
+        });
+        cache.set_manifest_pins(manifest.bundles.iter().map(|b| b.id).collect());
         let cache = Arc::new(cache);
         let stats = Arc::new(Stats::default());
         let upstream = Arc::new(Upstream::new(&config.upstream, &config.relay.id));
-        let limits = Limits::new(config.limits.clone(), clock, stats.clone());
-        let fills = Fills::new(cache.clone(), upstream, limits.clone(), stats.clone());
-        let state = Arc::new(AppState::new(
+        let limits = Limits::new(config.limits.clone(), clock.clone(), stats.clone());
+        let fills = Fills::new(
+            cache.clone(),
+            upstream.clone(),
+            limits.clone(),
+            stats.clone(),
+        );
+        let prestage_status = Arc::new(Mutex::new(PrestageStatus {
+            manifest_version: manifest.version,
+            ..PrestageStatus::default()
+        }));
+        let prestage = (!config.is_root()).then(|| Prestage {
+            config: config.prestage.clone(),
+            timezone: config.limits.timezone,
+            cache: cache.clone(),
+            fills: fills.clone(),
+            upstream,
+            limits: limits.clone(),
+            clock,
+            status: prestage_status.clone(),
+        });
+        let mut state = AppState::new(
             &config.relay.id,
             cache,
             fills,
             limits.clone(),
             stats,
             admin_token,
-        ));
+        );
+        state.is_root = config.is_root();
+        let state = Arc::new(state);
 
         let caps = limits.caps();
         let parents: Vec<&str> = config.upstream.parents.iter().map(|p| p.as_str()).collect();
@@ -124,6 +154,7 @@ impl Relay {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
+        let prestage = prestage.map(|task| tokio::spawn(task.run()));
         Ok(Self {
             addr,
             state,
@@ -131,6 +162,8 @@ impl Relay {
             stop,
             server,
             schedule,
+            prestage,
+            prestage_status,
         })
     }
 
@@ -147,6 +180,14 @@ impl Relay {
     /// Number of fills running now.
     pub fn running_fills(&self) -> usize {
         self.state.fills.running()
+    }
+
+    /// What pre-staging has done: the manifest followed, fills started, bundles at risk.
+    pub fn prestage_status(&self) -> PrestageStatus {
+        self.prestage_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The relay's limits (caps in force, schedule refresh).
@@ -197,6 +238,9 @@ impl Relay {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.schedule.abort();
+        if let Some(prestage) = &self.prestage {
+            prestage.abort();
+        }
         if let Err(e) = self.server.await {
             if e.is_panic() {
                 std::panic::resume_unwind(e.into_panic());
@@ -214,6 +258,9 @@ impl Relay {
     pub fn abort(self) {
         self.server.abort();
         self.schedule.abort();
+        if let Some(prestage) = &self.prestage {
+            prestage.abort();
+        }
         self.state.fills.abort_all();
     }
 }

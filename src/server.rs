@@ -57,6 +57,8 @@ pub struct AppState {
     pub stats: Arc<Stats>,
     /// The admin API's bearer token; `None` = admin API off.
     pub admin_token: Option<String>,
+    /// Whether this relay has no parents (it owns the manifest).
+    pub is_root: bool,
 }
 
 impl AppState {
@@ -78,6 +80,7 @@ impl AppState {
             limits,
             stats,
             admin_token,
+            is_root: false,
         }
     }
 }
@@ -107,6 +110,8 @@ pub enum ApiError {
     Forbidden,
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
     #[error("bundle {id} is not cached here")]
     NotCached { id: BundleId },
     #[error("internal error: {0}")]
@@ -122,7 +127,7 @@ struct ErrorBody<'a> {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            Self::BadId(_) | Self::BadRange(_) => StatusCode::BAD_REQUEST,
+            Self::BadId(_) | Self::BadRange(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unsatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -209,28 +214,32 @@ pub async fn handle(
     client: IpAddr,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let mut response = match route(&state, client, &request).await {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let mut response = match route(&state, client, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(&state.relay_id),
     };
     response
         .headers_mut()
         .insert(RELAY_HEADER, state.relay_id_header.clone());
-    debug!(client.addr = %client, http.method = %request.method(),
-        http.path = %request.uri().path(), http.status = response.status().as_u16(), "request");
+    debug!(client.addr = %client, http.method = %method, http.path = %path,
+        http.status = response.status().as_u16(), "request");
     response
 }
 
-async fn route<B>(
+async fn route(
     state: &AppState,
     client: IpAddr,
-    request: &Request<B>,
+    request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     state.limits.check_request(client)?;
 
     let path = request.uri().path();
-    if let Some(admin_path) = path.strip_prefix("/v1/admin/") {
-        return admin::route(state, request.method(), admin_path, request.headers()).await;
+    if path.starts_with("/v1/admin/") {
+        return admin::route(state, request).await;
+    }
+    if path == "/v1/manifest" {
+        return manifest_response(state, request.method()).await;
     }
     let Some(id) = path.strip_prefix("/v1/bundles/") else {
         return Err(ApiError::NoRoute {
@@ -255,6 +264,25 @@ async fn route<B>(
     let permit = state.limits.start_download(client)?;
     let response = serve_bundle(state, request.headers(), id, head).await?;
     Ok(response.map(|body| state.limits.throttle(body, client, Some(permit))))
+}
+
+/// `GET /v1/manifest`: the manifest this relay holds (its own at a root, its parent's
+/// elsewhere).
+async fn manifest_response(
+    state: &AppState,
+    method: &Method,
+) -> Result<Response<ResponseBody>, ApiError> {
+    if method != Method::GET {
+        return Err(ApiError::Method {
+            method: method.clone(),
+        });
+    }
+    let root = state.cache.root().to_path_buf();
+    let manifest = tokio::task::spawn_blocking(move || crate::manifest::load(&root))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("manifest: {e}")))?;
+    admin::json(&manifest)
 }
 
 /// What a GET or HEAD asks of one bundle, after its headers are read.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE, USER_AGENT};
 use http::{Request, StatusCode};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -23,7 +23,11 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::bundle::BundleId;
 use crate::config::{BaseUrl, OriginTemplate, UpstreamConfig};
+use crate::manifest::Manifest;
 use crate::server::RELAY_HEADER;
+
+/// Largest JSON document (a manifest) accepted from a parent.
+const MAX_JSON_BODY: usize = 4 * 1024 * 1024;
 
 /// How long a source that delivered corrupt bytes for a bundle goes to the back of the
 /// line for that bundle.
@@ -193,6 +197,65 @@ impl Upstream {
             .filter(|(_, pid)| pid == id)
             .map(|(index, _)| *index)
             .collect()
+    }
+
+    /// The manifest of the first parent that answers with one.
+    pub async fn fetch_manifest(&self) -> Result<Manifest, FetchError> {
+        let mut last = None;
+        for source in &self.sources {
+            let SourceKind::Parent(base) = &source.kind else {
+                continue;
+            };
+            let url = format!("{}/v1/manifest", base.as_str());
+            match self.get_json(&url).await {
+                Ok(manifest) => return Ok(manifest),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(FetchError::NotFound {
+            url: "(no parents)".into(),
+        }))
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, FetchError> {
+        let request = Request::get(url)
+            .header(
+                USER_AGENT,
+                concat!("patchrelay/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(RELAY_HEADER, &self.relay_id)
+            .body(Empty::new())
+            .map_err(|e| FetchError::Protocol {
+                url: url.into(),
+                message: e.to_string(),
+            })?;
+        let url = url.to_string();
+        let response = tokio::time::timeout(self.stall_timeout, self.client.request(request))
+            .await
+            .map_err(|_| FetchError::Timeout {
+                url: url.clone(),
+                after: self.stall_timeout,
+            })?
+            .map_err(|e| transport_error(url.clone(), &e))?;
+        if !response.status().is_success() {
+            return Err(classify_status(&url, response.status(), String::new()));
+        }
+        let body = Limited::new(response.into_body(), MAX_JSON_BODY);
+        let bytes = tokio::time::timeout(self.stall_timeout, body.collect())
+            .await
+            .map_err(|_| FetchError::Timeout {
+                url: url.clone(),
+                after: self.stall_timeout,
+            })?
+            .map_err(|e| FetchError::Transport {
+                url: url.clone(),
+                message: e.to_string(),
+            })?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| FetchError::Protocol {
+            url,
+            message: format!("bad JSON: {e}"),
+        })
     }
 
     /// Asks `source` for bundle `id` from byte `offset` on. `known_total` is the length an

@@ -220,3 +220,68 @@ async fn cache_cli_offline_works_on_a_stopped_relay_and_finds_corruption() {
         serde_json::json!([])
     );
 }
+
+async fn put_manifest(relay: &Relay, body: &str) -> Fetched {
+    let url = format!("{}/v1/admin/manifest", url_of(relay));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = http::Request::put(url)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Fetched {
+        status: parts.status,
+        headers: parts.headers,
+        body: Ok(body),
+    }
+}
+
+#[tokio::test]
+async fn the_root_manifest_is_set_through_the_admin_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, _origin, id, _) = admin_relay(dir.path(), "").await;
+
+    let body = format!(r#"{{"bundles": [{{"id": "{id}", "ready_by": "2026-12-08T06:00:00Z"}}]}}"#);
+    let set = put_manifest(&relay, &body).await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(set.json()["version"], 1);
+
+    let manifest = TestClient::default()
+        .get(&format!("{}/v1/manifest", url_of(&relay)))
+        .await;
+    let json = manifest.json();
+    assert_eq!(json["bundles"][0]["id"], id.to_string());
+    assert_eq!(json["bundles"][0]["size"], 50_000);
+    assert_eq!(json["bundles"][0]["ready_by"], "2026-12-08T06:00:00Z");
+    let listed = admin(&relay, "GET", "cache", Some(TOKEN)).await.json();
+    assert_eq!(listed["bundles"][0]["in_manifest"], true, "{listed}");
+    assert_eq!(
+        listed["bundles"][0]["pinned"], true,
+        "manifest bundles are pinned"
+    );
+
+    let unknown = BundleId::of(b"never published");
+    let missing = put_manifest(
+        &relay,
+        &format!(r#"{{"bundles": [{{"id": "{unknown}"}}]}}"#),
+    )
+    .await;
+    assert_eq!(missing.status, 409);
+    assert_eq!(put_manifest(&relay, "{not json").await.status, 400);
+    assert_eq!(
+        put_manifest(&relay, r#"{"bundles": [{"id": "zz"}]}"#)
+            .await
+            .status,
+        400
+    );
+    relay.shutdown().await;
+}

@@ -269,3 +269,42 @@ async fn sighup_reloads_limits_and_rejects_a_broken_config() {
     );
     wait_for("config reloaded");
 }
+
+#[test]
+fn publish_with_manifest_sets_the_patch_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:0");
+    let (a, b) = (content(1000, 44), content(2000, 45));
+    std::fs::write(dir.path().join("a.msu"), &a).unwrap();
+    std::fs::write(dir.path().join("b.msu"), &b).unwrap();
+
+    let out = Command::new(BIN)
+        .args([
+            "publish",
+            "--manifest",
+            "--ready-by",
+            "2026-12-08T06:00:00Z",
+            "-c",
+        ])
+        .arg(&config)
+        .arg(dir.path().join("a.msu"))
+        .arg(dir.path().join("b.msu"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("manifest version 1: 2 bundles"), "{stdout}");
+
+    let manifest = patchrelay::manifest::load(&dir.path().join("data/cache")).unwrap();
+    let ids: Vec<_> = manifest.bundles.iter().map(|e| e.id).collect();
+    assert_eq!(ids, [BundleId::of(&a), BundleId::of(&b)]);
+    assert_eq!(manifest.bundles[1].size, 2000);
+    assert_eq!(
+        manifest.bundles[0].ready_by,
+        Some("2026-12-08T06:00:00Z".parse().unwrap())
+    );
+}

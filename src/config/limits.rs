@@ -105,6 +105,12 @@ impl TimeZone {
 }
 
 impl Window {
+    /// Whether `now`, read in `timezone`, falls in this window.
+    pub fn contains_time(&self, timezone: TimeZone, now: DateTime<Utc>) -> bool {
+        let (weekday, minute) = timezone.local_parts(now);
+        self.contains(weekday, minute)
+    }
+
     fn contains(&self, weekday: u8, minute: u16) -> bool {
         let starts_on = |day: u8| self.days & (1 << day) != 0;
         if self.from < self.to {
@@ -227,31 +233,8 @@ impl Ctx<'_> {
     }
 
     fn window(&self, raw: &RawWindow) -> Result<Window, ConfigError> {
-        let mut days = 0u8;
-        for name in raw.days.get_ref() {
-            days |= day_bits(name).ok_or_else(|| {
-                let msg = format!(
-                    "{name:?} is not a day; use mon..sun, \"weekdays\", \"weekend\" or \"daily\""
-                );
-                self.invalid("limits.schedule.days", &raw.days, msg)
-            })?;
-        }
-        if days == 0 {
-            let msg = "must list at least one day".to_string();
-            return Err(self.invalid("limits.schedule.days", &raw.days, msg));
-        }
-
-        let from = self.time_of_day("limits.schedule.from", &raw.from)?;
-        let to = self.time_of_day("limits.schedule.to", &raw.to)?;
-        if from == 24 * 60 {
-            let msg = "a window must start before 24:00".to_string();
-            return Err(self.invalid("limits.schedule.from", &raw.from, msg));
-        }
-        if from == to {
-            let msg = "a window must not start and end at the same time".to_string();
-            return Err(self.invalid("limits.schedule.to", &raw.to, msg));
-        }
-
+        let times = (&raw.days, &raw.from, &raw.to);
+        let Window { days, from, to, .. } = self.window_times("limits.schedule", times)?;
         let rate = |key: &str, value: &Option<Spanned<String>>| match value {
             None => Ok(None),
             Some(v) => units::parse_rate(v.get_ref())
@@ -265,6 +248,47 @@ impl Ctx<'_> {
             downstream: rate("limits.schedule.downstream", &raw.downstream)?,
             per_client: rate("limits.schedule.per_client", &raw.per_client)?,
             upstream: rate("limits.schedule.upstream", &raw.upstream)?,
+        })
+    }
+
+    /// Days and times of a window (`{prefix}.days`, `.from`, `.to`), without caps.
+    pub(super) fn window_times(
+        &self,
+        prefix: &str,
+        (raw_days, raw_from, raw_to): (&Spanned<Vec<String>>, &Spanned<String>, &Spanned<String>),
+    ) -> Result<Window, ConfigError> {
+        let key = |name: &str| format!("{prefix}.{name}");
+        let mut days = 0u8;
+        for name in raw_days.get_ref() {
+            days |= day_bits(name).ok_or_else(|| {
+                let msg = format!(
+                    "{name:?} is not a day; use mon..sun, \"weekdays\", \"weekend\" or \"daily\""
+                );
+                self.invalid(&key("days"), raw_days, msg)
+            })?;
+        }
+        if days == 0 {
+            let msg = "must list at least one day".to_string();
+            return Err(self.invalid(&key("days"), raw_days, msg));
+        }
+
+        let from = self.time_of_day(&key("from"), raw_from)?;
+        let to = self.time_of_day(&key("to"), raw_to)?;
+        if from == 24 * 60 {
+            let msg = "a window must start before 24:00".to_string();
+            return Err(self.invalid(&key("from"), raw_from, msg));
+        }
+        if from == to {
+            let msg = "a window must not start and end at the same time".to_string();
+            return Err(self.invalid(&key("to"), raw_to, msg));
+        }
+        Ok(Window {
+            days,
+            from,
+            to,
+            downstream: None,
+            per_client: None,
+            upstream: None,
         })
     }
 

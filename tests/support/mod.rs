@@ -123,7 +123,7 @@ impl MockUpstream {
         format!("http://{}/b/{{id}}", self.addr)
     }
 
-    /// Bundle requests received so far.
+    /// Bundle requests received so far (manifest polls are not counted).
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
     }
@@ -166,6 +166,11 @@ async fn accept_loop(listener: TcpListener, state: Arc<MockState>) {
 type MockBody = BoxBody<Bytes, std::io::Error>;
 
 fn mock_response(state: &MockState, req: Request<Incoming>) -> Response<MockBody> {
+    // A relay's pre-staging asks parents for their manifest; a mock has none, and only
+    // bundle requests are counted.
+    if req.uri().path() == "/v1/manifest" {
+        return status_only(StatusCode::NOT_FOUND);
+    }
     state.requests.fetch_add(1, Ordering::SeqCst);
     let range = req
         .headers()
