@@ -372,6 +372,52 @@ impl Cache {
         Ok(Some(id.matches(&hasher.finalize())))
     }
 
+    /// Re-hashes cached bundle `id` reading at most `rate` bytes per second: `Ok(None)`
+    /// when it is not cached (any more), else whether it still matches its id.
+    pub fn verify_paced(&self, id: &BundleId, rate: u64) -> io::Result<Option<bool>> {
+        use std::io::Read;
+
+        let mut file = match File::open(self.object_path(id)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let started = std::time::Instant::now();
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            done += n as u64;
+            let due = std::time::Duration::from_secs_f64(done as f64 / rate.max(1) as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+        Ok(Some(id.matches(&hasher.finalize())))
+    }
+
+    /// Moves bundle `id` out of the cache into `quarantine/`, where it is kept for
+    /// inspection and never served. Returns where it went.
+    pub fn quarantine(&self, id: &BundleId) -> io::Result<PathBuf> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir)?;
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let dest = dir.join(format!("{id}.{stamp}"));
+        fs::rename(self.object_path(id), &dest)?;
+        self.index().remove(id);
+        Ok(dest)
+    }
+
     /// `cache_max`, if set.
     pub fn max_bytes(&self) -> Option<u64> {
         self.max

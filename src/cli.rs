@@ -112,7 +112,10 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::relay::serve(&config)) {
+    let result = runtime.block_on(crate::relay::serve(&config));
+    // A scrub read in progress on the blocking pool must not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "relay failed to start");

@@ -95,6 +95,11 @@ pub struct RelayConfig {
     pub cache_max: Option<u64>,
     /// Bundles never evicted, besides published ones and those pinned by the admin API.
     pub pins: Vec<BundleId>,
+    /// Bytes per second the background scrub re-hashes; `None` = scrub off. Default
+    /// 20 MB/s.
+    pub scrub_rate: Option<u64>,
+    /// Pause between two scrub passes over the cache. Default 6 h.
+    pub scrub_interval: Duration,
 }
 
 /// `[upstream]`: where this relay fetches what it lacks.
@@ -168,6 +173,8 @@ pub enum ConfigError {
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_SCRUB_RATE: u64 = 20_000_000;
+const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(6 * 3600);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -202,6 +209,8 @@ struct RawRelay {
     listen: Spanned<String>,
     cache_dir: Spanned<String>,
     cache_max: Option<Spanned<String>>,
+    scrub_rate: Option<Spanned<String>>,
+    scrub_interval: Option<Spanned<String>>,
     #[serde(default)]
     pins: Vec<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
@@ -346,6 +355,23 @@ impl Ctx<'_> {
             })?;
             pins.push(id);
         }
+        let scrub_rate = match &raw.scrub_rate {
+            None => Some(DEFAULT_SCRUB_RATE),
+            Some(v) if v.get_ref().trim().eq_ignore_ascii_case("off") => None,
+            Some(v) => match crate::units::parse_rate(v.get_ref()) {
+                Ok(Some(rate)) => Some(rate),
+                Ok(None) => {
+                    let msg = "must be a rate like \"50 MB/s\", or \"off\"".to_string();
+                    return Err(self.invalid("relay.scrub_rate", v, msg));
+                }
+                Err(msg) => return Err(self.invalid("relay.scrub_rate", v, msg)),
+            },
+        };
+        let scrub_interval = self.duration(
+            "relay.scrub_interval",
+            raw.scrub_interval.clone(),
+            DEFAULT_SCRUB_INTERVAL,
+        )?;
         Ok(RelayConfig {
             id,
             site,
@@ -354,6 +380,8 @@ impl Ctx<'_> {
             shutdown_grace,
             cache_max,
             pins,
+            scrub_rate,
+            scrub_interval,
         })
     }
 
@@ -645,6 +673,22 @@ stall_timeout = "1m"
         assert!(err.starts_with("relay.toml:7: relay.pins:"), "{err}");
         let err = error_text(&GOOD.replace("shutdown_grace = \"10s\"", "cache_max = \"big\""));
         assert!(err.starts_with("relay.toml:7: relay.cache_max:"), "{err}");
+    }
+
+    #[test]
+    fn scrub_keys() {
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.relay.scrub_rate, Some(DEFAULT_SCRUB_RATE));
+        assert_eq!(config.relay.scrub_interval, DEFAULT_SCRUB_INTERVAL);
+        let with = |keys: &str| GOOD.replace("shutdown_grace = \"10s\"", keys);
+        let config = parse(&with("scrub_rate = \"off\"")).expect("valid");
+        assert_eq!(config.relay.scrub_rate, None);
+        let config = parse(&with("scrub_rate = \"50 MB/s\"\nscrub_interval = \"1h\""));
+        let config = config.expect("valid");
+        assert_eq!(config.relay.scrub_rate, Some(50_000_000));
+        assert_eq!(config.relay.scrub_interval, Duration::from_secs(3600));
+        let err = error_text(&with("scrub_rate = \"unlimited\""));
+        assert!(err.starts_with("relay.toml:7: relay.scrub_rate:"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`body`]: response bodies streaming from a cached or still-filling file.
 //! - [`upstream`]: parents, origin, failover order and the HTTP client.
 //! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
+//! - [`scrub`]: re-hashing the cache in the background.
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
@@ -32,6 +33,7 @@ pub mod prestage;
 pub mod publish;
 pub mod range;
 pub mod relay;
+pub mod scrub;
 pub mod server;
 pub mod stats;
 pub mod units;

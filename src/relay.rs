@@ -18,6 +18,7 @@ use crate::config::{Config, ConfigError};
 use crate::fill::Fills;
 use crate::limits::{Limits, SystemClock, WallClock};
 use crate::prestage::{Prestage, PrestageStatus};
+use crate::scrub::Scrub;
 use crate::server::{self, AppState};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::units::format_rate;
@@ -53,6 +54,8 @@ pub struct Relay {
     /// Following the parent's manifest (relays with parents only).
     prestage: Option<JoinHandle<()>>,
     prestage_status: Arc<Mutex<PrestageStatus>>,
+    /// Re-hashing the cache (unless `scrub_rate = "off"`).
+    scrub: Option<JoinHandle<()>>,
 }
 
 impl Relay {
@@ -155,6 +158,16 @@ impl Relay {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
         let prestage = prestage.map(|task| tokio::spawn(task.run()));
+        let scrub = config.relay.scrub_rate.map(|rate| {
+            let task = Scrub {
+                cache: state.cache.clone(),
+                fills: state.fills.clone(),
+                stats: state.stats.clone(),
+                rate,
+                interval: config.relay.scrub_interval,
+            };
+            tokio::spawn(task.run())
+        });
         Ok(Self {
             addr,
             state,
@@ -164,6 +177,7 @@ impl Relay {
             schedule,
             prestage,
             prestage_status,
+            scrub,
         })
     }
 
@@ -238,8 +252,8 @@ impl Relay {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.schedule.abort();
-        if let Some(prestage) = &self.prestage {
-            prestage.abort();
+        for task in self.prestage.iter().chain(&self.scrub) {
+            task.abort();
         }
         if let Err(e) = self.server.await {
             if e.is_panic() {
@@ -258,8 +272,8 @@ impl Relay {
     pub fn abort(self) {
         self.server.abort();
         self.schedule.abort();
-        if let Some(prestage) = &self.prestage {
-            prestage.abort();
+        for task in self.prestage.iter().chain(&self.scrub) {
+            task.abort();
         }
         self.state.fills.abort_all();
     }

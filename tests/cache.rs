@@ -139,3 +139,42 @@ async fn a_bundle_larger_than_the_cache_is_served_but_not_cached() {
     assert_eq!(origin.requests(), 2);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_finds_a_flipped_bit_quarantines_it_and_refetches() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(300_000, 75);
+    let id = origin.add(&data);
+    let extra = "scrub_rate = \"50 MB/s\"\nscrub_interval = \"100ms\"";
+    let (relay, _) = bounded_relay(dir.path(), &origin, extra).await;
+    fetch(&relay, &id).await;
+
+    let hex = id.to_string();
+    let object = dir
+        .path()
+        .join(format!("edge-cache/objects/{}/{hex}", &hex[..2]));
+    let mut rotten = data.clone();
+    rotten[150_000] ^= 0x10;
+    std::fs::write(&object, &rotten).unwrap();
+
+    eventually("the bundle is refetched", || origin.requests() == 2).await;
+    eventually("the good copy is back", || {
+        std::fs::read(&object).is_ok_and(|b| b == data)
+    })
+    .await;
+    let quarantine = dir.path().join("edge-cache/quarantine");
+    let kept: Vec<_> = std::fs::read_dir(&quarantine)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert!(
+        std::fs::read(&kept[0]).unwrap() == rotten,
+        "the corrupt copy is kept aside"
+    );
+    assert!(relay.stats().integrity_failures >= 1);
+    let got = fetch(&relay, &id).await;
+    assert!(got.bytes() == &data[..]);
+    relay.shutdown().await;
+}
