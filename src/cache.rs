@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -46,6 +46,34 @@ pub struct Cache {
     /// Bundles of the current manifest: pinned while they are in it.
     manifest_pins: Mutex<HashSet<BundleId>>,
     index: Mutex<Index>,
+    disk: DiskHealth,
+}
+
+/// Whether the cache dir takes writes, and when that was last logged.
+#[derive(Debug, Default)]
+struct DiskHealth {
+    degraded: AtomicBool,
+    last_logged: Mutex<Option<std::time::Instant>>,
+}
+
+impl DiskHealth {
+    /// Marks the cache dir unwritable; logs at most once a minute.
+    fn failed(&self, dir: &Path, error: &io::Error) {
+        self.degraded.store(true, Ordering::Relaxed);
+        let mut last = self.last_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+            tracing::error!(dir = %dir.display(), error = %error,
+                "cache directory is not writable; serving pass-through without caching");
+            *last = Some(std::time::Instant::now());
+        }
+    }
+
+    fn recovered(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            info!("cache directory is writable again");
+            *self.last_logged.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
 }
 
 /// One complete bundle, as the admin API and `patchrelay cache ls` show it.
@@ -75,6 +103,8 @@ pub enum Room {
     TooLarge,
     /// Everything evictable would not make room (the rest is pinned or being read).
     Full,
+    /// The cache dir is not writable; the fill writes a spill file.
+    Unwritable,
 }
 
 /// Space set aside for a running fill.
@@ -132,7 +162,8 @@ pub struct CacheError {
 /// A fill's file in `tmp/`: removed when dropped unless it was committed.
 #[derive(Debug)]
 pub struct TempFile {
-    path: PathBuf,
+    /// `None` for a spill file: unnamed, outside the cache, never committed.
+    path: Option<PathBuf>,
     file: Arc<File>,
     committed: bool,
 }
@@ -142,12 +173,18 @@ impl TempFile {
     pub fn file(&self) -> &Arc<File> {
         &self.file
     }
+
+    /// Whether this is a spill file outside the cache (the cache dir was not writable):
+    /// its fill is served pass-through and not kept.
+    pub fn is_spill(&self) -> bool {
+        self.path.is_none()
+    }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.path);
+        if let (false, Some(path)) = (self.committed, &self.path) {
+            let _ = fs::remove_file(path);
         }
     }
 }
@@ -164,6 +201,7 @@ impl Cache {
             config_pins: HashSet::new(),
             manifest_pins: Mutex::default(),
             index: Mutex::default(),
+            disk: DiskHealth::default(),
         };
         for dir in [&cache.objects, &cache.tmp, &cache.pins] {
             fs::create_dir_all(dir).map_err(|source| CacheError {
@@ -243,10 +281,36 @@ impl Cache {
             .create_new(true)
             .open(&path)?;
         Ok(TempFile {
-            path,
+            path: Some(path),
             file: Arc::new(file),
             committed: false,
         })
+    }
+
+    /// A temporary file for a fill of `id`: in the cache's `tmp/` when it is writable;
+    /// otherwise an unnamed spill file in the system temp dir, so the relay keeps serving
+    /// (pass-through, still coalescing and verifying) and reports itself degraded.
+    pub fn create_fill_file(&self, id: &BundleId) -> io::Result<TempFile> {
+        match self.create_temp(id) {
+            Ok(temp) => {
+                self.disk.recovered();
+                Ok(temp)
+            }
+            Err(e) => {
+                self.disk.failed(&self.tmp, &e);
+                let file = tempfile::tempfile()?;
+                Ok(TempFile {
+                    path: None,
+                    file: Arc::new(file),
+                    committed: false,
+                })
+            }
+        }
+    }
+
+    /// Whether the cache dir could not be written to at the last attempt.
+    pub fn is_degraded(&self) -> bool {
+        self.disk.degraded.load(Ordering::Relaxed)
     }
 
     /// Makes a fully written and verified temporary file the cached copy of `id`.
@@ -254,13 +318,16 @@ impl Cache {
     /// The data is synced before the rename and the directory after it, so that after a
     /// power cut the object is either absent or complete.
     pub fn commit(&self, mut temp: TempFile, id: &BundleId) -> io::Result<()> {
+        let Some(path) = temp.path.clone() else {
+            return Err(io::Error::other("a spill file is never committed"));
+        };
         temp.file.sync_all()?;
         let dest = self.object_path(id);
         let dir = dest
             .parent()
             .expect("object paths always have a fan-out directory");
         fs::create_dir_all(dir)?;
-        fs::rename(&temp.path, &dest)?;
+        fs::rename(&path, &dest)?;
         temp.committed = true;
         let size = temp.file.metadata()?.len();
         self.index().touch(*id, size, SystemTime::now());

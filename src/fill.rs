@@ -200,7 +200,7 @@ impl Fills {
             return Ok(Joined::Cached);
         }
 
-        let temp = self.cache.create_temp(&id)?;
+        let temp = self.cache.create_fill_file(&id)?;
         let (tx, rx) = watch::channel(FillState::default());
         let fill = Arc::new(Fill {
             id,
@@ -416,7 +416,11 @@ impl Fills {
             t.tx.send_modify(|s| s.total = Some(opened.total));
         }
         if t.room.is_none() {
-            t.room = Some(self.reserve_room(t.id, opened.total).await?);
+            t.room = Some(if t.spill {
+                Room::Unwritable
+            } else {
+                self.reserve_room(t.id, opened.total).await?
+            });
         }
 
         let before = t.written;
@@ -438,6 +442,7 @@ impl Fills {
             Room::Granted(_) => {}
             Room::TooLarge => warn!(bundle.id = %id, bytes,
                 "bundle is larger than cache_max; serving it pass-through without caching"),
+            Room::Unwritable => {}
             Room::Full => warn!(bundle.id = %id, bytes,
                 "no room in the cache (the rest is pinned or being read); serving pass-through"),
         }
@@ -479,6 +484,8 @@ struct Transfer<'a> {
     total: Option<u64>,
     /// Whether the cache has room to keep the bundle, decided once its length is known.
     room: Option<Room>,
+    /// Writing to a spill file outside the cache: never kept.
+    spill: bool,
     /// Sources that contributed bytes, blamed together if the hash does not match.
     sources_used: Vec<usize>,
     last_source: String,
@@ -504,6 +511,7 @@ impl<'a> Transfer<'a> {
             written: 0,
             total: None,
             room: None,
+            spill: temp.is_spill(),
             sources_used: Vec::new(),
             last_source: String::new(),
         }

@@ -196,6 +196,12 @@ impl Relay {
         self.state.fills.running()
     }
 
+    /// Whether the relay is serving pass-through because its cache dir is not writable
+    /// (health reports read this).
+    pub fn degraded(&self) -> bool {
+        self.state.cache.is_degraded()
+    }
+
     /// What pre-staging has done: the manifest followed, fills started, bundles at risk.
     pub fn prestage_status(&self) -> PrestageStatus {
         self.prestage_status

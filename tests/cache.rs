@@ -178,3 +178,46 @@ async fn scrub_finds_a_flipped_bit_quarantines_it_and_refetches() {
     assert!(got.bytes() == &data[..]);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_cache_dir_still_serves_through_coalesced_and_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start_paced(
+        Behavior::Normal,
+        32 * 1024,
+        std::time::Duration::from_millis(5),
+    )
+    .await;
+    let data = content(1_000_000, 76);
+    let id = origin.add(&data);
+    let (relay, _) = bounded_relay(dir.path(), &origin, "").await;
+
+    // The tests run as root, for whom permissions do not stop writes: make tmp/ a plain
+    // file so that nothing can be created in it.
+    let tmp = dir.path().join("edge-cache/tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+
+    let url = bundle_url(&url_of(&relay), &id);
+    let clients = (0..5).map(|_| {
+        let url = url.clone();
+        async move { TestClient::default().get(&url).await }
+    });
+    for got in within(30, futures_util::future::join_all(clients)).await {
+        assert_eq!(got.status, 200);
+        assert!(got.bytes() == &data[..]);
+    }
+    assert_eq!(origin.requests(), 1, "pass-through still coalesces");
+    assert!(relay.degraded());
+    eventually("the fill has ended", || relay.running_fills() == 0).await;
+    assert!(!cached(dir.path(), "edge", &id));
+
+    // Once the directory is back, fills are cached again and the relay is no longer degraded.
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    let got = fetch(&relay, &id).await;
+    assert!(got.bytes() == &data[..]);
+    assert!(cached(dir.path(), "edge", &id));
+    assert!(!relay.degraded());
+    relay.shutdown().await;
+}
