@@ -225,6 +225,29 @@ impl Limits {
         self.refresh_caps(false, true);
     }
 
+    /// The lowest upstream cap in force at any time from `from` to `until` (looked at every
+    /// 15 minutes, at most two weeks ahead); `None` when it is unlimited throughout. Used to
+    /// plan deadlines conservatively across schedule windows.
+    pub fn lowest_upstream_cap(&self, from: DateTime<Utc>, until: DateTime<Utc>) -> Option<u64> {
+        let config = self
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let step = chrono::Duration::minutes(15);
+        let until = until.min(from + chrono::Duration::days(14));
+        let mut lowest = config.caps_at(from).upstream;
+        let mut t = from;
+        while t < until {
+            t += step;
+            lowest = match (lowest, config.caps_at(t.min(until)).upstream) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        lowest
+    }
+
     /// The caps in force now.
     pub fn caps(&self) -> Caps {
         self.current().caps
@@ -560,6 +583,41 @@ fn pieces(bytes: usize, piece: usize) -> impl Iterator<Item = usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lowest_upstream_cap_looks_across_schedule_windows() {
+        use chrono::TimeZone;
+
+        use crate::config::Window;
+
+        let config = LimitsConfig {
+            caps: Caps {
+                upstream: Some(1_000_000),
+                ..Caps::default()
+            },
+            schedule: vec![Window {
+                days: 0b111_1111,
+                from: 8 * 60,
+                to: 18 * 60,
+                downstream: None,
+                per_client: None,
+                upstream: Some(Some(100_000)),
+            }],
+            ..LimitsConfig::default()
+        };
+        let limits = Limits::new(config, Arc::new(SystemClock), Arc::default());
+        let at = |h| Utc.with_ymd_and_hms(2026, 12, 7, h, 0, 0).unwrap();
+        assert_eq!(
+            limits.lowest_upstream_cap(at(1), at(5)),
+            Some(1_000_000),
+            "night only"
+        );
+        assert_eq!(
+            limits.lowest_upstream_cap(at(1), at(9)),
+            Some(100_000),
+            "into the day"
+        );
+    }
 
     #[test]
     fn pieces_cover_the_bytes() {

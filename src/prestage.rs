@@ -10,7 +10,8 @@
 //! Outside the configured window it waits, unless a bundle's deadline cannot wait: a
 //! bundle starts once waiting another interval would leave less than twice its estimated
 //! transfer time (at the upstream cap) before `ready_by`. A bundle that cannot be ready by
-//! its deadline even starting now is flagged "at risk".
+//! its deadline even starting now is flagged "at risk". Transfer times are estimated at
+//! the lowest upstream cap the `[limits]` schedule sets before the deadline.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -104,7 +105,13 @@ impl Prestage {
             .cloned()
             .collect();
         let now = self.clock.now();
-        let plan = plan(missing, now, self.limits.caps().upstream);
+        let horizon = missing
+            .iter()
+            .filter_map(|e| e.ready_by)
+            .max()
+            .unwrap_or(now);
+        let cap = self.limits.lowest_upstream_cap(now, horizon);
+        let plan = plan(missing, now, cap);
         self.flag_at_risk(&plan);
 
         for step in plan {
