@@ -127,6 +127,12 @@ impl RangeReader {
         loop {
             let limit = {
                 let state = rx.borrow_and_update();
+                // The fill moved to a spill file holding all bytes so far: read from it.
+                if let Some(spill) = &state.spill {
+                    if !Arc::ptr_eq(spill, &self.file) {
+                        self.file = spill.clone();
+                    }
+                }
                 match &state.outcome {
                     Some(Ok(())) => None,
                     Some(Err(e)) => return Err(io::Error::other(e.to_string())),

@@ -308,6 +308,12 @@ impl Cache {
         }
     }
 
+    /// Records that writing into the cache dir failed with `error` (degraded; logged at
+    /// most once a minute).
+    pub fn note_unwritable(&self, error: &io::Error) {
+        self.disk.failed(&self.tmp, error);
+    }
+
     /// Whether the cache dir could not be written to at the last attempt.
     pub fn is_degraded(&self) -> bool {
         self.disk.degraded.load(Ordering::Relaxed)

@@ -70,6 +70,9 @@ pub struct FillState {
     pub written: u64,
     /// Set once when the fill ends: `Ok` means verified and committed.
     pub outcome: Option<Result<(), FillError>>,
+    /// Set when the cache dir stopped taking writes mid-fill: the fill moved to this spill
+    /// file (holding everything written so far), and followers read from it instead.
+    pub spill: Option<Arc<File>>,
 }
 
 /// A running fill that requests can follow.
@@ -381,14 +384,25 @@ impl Fills {
         }
 
         let mut failures: Vec<FetchError> = Vec::new();
-        for (n, source) in sources.iter().enumerate() {
-            if n > 0 {
-                Stats::bump(&self.stats.failovers);
-            }
+        let mut n = 0;
+        while let Some(source) = sources.get(n) {
             match self.fetch_from(source, transfer).await {
                 Ok(()) => return Ok(()),
+                Err(CopyError::Local(e)) if !transfer.spill => {
+                    // The cache dir stopped taking writes: move to a spill file and ask the
+                    // same source for the rest.
+                    self.cache.note_unwritable(&e);
+                    transfer.move_to_spill().await.map_err(|e| {
+                        error!(bundle.id = %id, error = %e, "cannot spill the fill either");
+                        FillError::Local {
+                            id,
+                            message: e.to_string(),
+                        }
+                    })?;
+                    continue;
+                }
                 Err(CopyError::Local(e)) => {
-                    error!(bundle.id = %id, error = %e, "cannot write the fill to the cache");
+                    error!(bundle.id = %id, error = %e, "cannot write the fill");
                     return Err(FillError::Local {
                         id,
                         message: e.to_string(),
@@ -398,6 +412,10 @@ impl Fills {
                     log_source_failure(&id, source, &e, transfer.written, n + 1 < sources.len());
                     failures.push(e);
                 }
+            }
+            n += 1;
+            if n < sources.len() {
+                Stats::bump(&self.stats.failovers);
             }
         }
         Err(summarize(id, &failures))
@@ -582,6 +600,35 @@ impl<'a> Transfer<'a> {
                 }
             }
         }
+    }
+
+    /// Continues the fill in an unnamed spill file outside the cache: copies what was
+    /// written so far, points followers at it, and gives up the cache reservation (the
+    /// bundle is served pass-through and not kept).
+    async fn move_to_spill(&mut self) -> std::io::Result<()> {
+        let (old, written) = (self.file.clone(), self.written);
+        let spill = tokio::task::spawn_blocking(move || {
+            let spill = tempfile::tempfile()?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0;
+            while offset < written {
+                let n = buf.len().min((written - offset) as usize);
+                old.read_exact_at(&mut buf[..n], offset)?;
+                spill.write_all_at(&buf[..n], offset)?;
+                offset += n as u64;
+            }
+            Ok::<_, std::io::Error>(Arc::new(spill))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+
+        warn!(bundle.id = %self.id, bytes = written,
+            "cache dir stopped taking writes mid-fill; continuing pass-through");
+        self.tx.send_modify(|s| s.spill = Some(spill.clone()));
+        self.file = spill;
+        self.spill = true;
+        self.room = Some(Room::Unwritable);
+        Ok(())
     }
 
     fn check_complete(&self, total: u64, url: String) -> Result<(), CopyError> {
