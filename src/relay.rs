@@ -288,9 +288,11 @@ impl Relay {
 /// Runs a relay until SIGTERM or Ctrl-C, then shuts it down gracefully. SIGHUP re-reads
 /// the config file.
 pub async fn serve(config: &Config) -> Result<(), StartError> {
-    let relay = Relay::start(config).await?;
+    // Handlers first: a signal that arrives once the start line is out must not find
+    // the default action (which would kill the process).
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+    let relay = Relay::start(config).await?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
