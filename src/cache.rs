@@ -314,6 +314,21 @@ impl Cache {
         self.disk.failed(&self.tmp, error);
     }
 
+    /// Tries to create (and remove) a file in `tmp/`; records the result as the disk
+    /// health.
+    pub fn probe_writable(&self) -> bool {
+        match self.create_temp(&BundleId::of(b"patchrelay write probe")) {
+            Ok(_) => {
+                self.disk.recovered();
+                true
+            }
+            Err(e) => {
+                self.disk.failed(&self.tmp, &e);
+                false
+            }
+        }
+    }
+
     /// Whether the cache dir could not be written to at the last attempt.
     pub fn is_degraded(&self) -> bool {
         self.disk.degraded.load(Ordering::Relaxed)

@@ -32,6 +32,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[prestage]`: following the parent's manifest.
     pub prestage: PrestageConfig,
+    /// `[health] interval`: how often parents are probed; readiness wants an answer from a
+    /// parent or the origin within two intervals. Default 30 s.
+    pub health_interval: Duration,
 }
 
 /// `[prestage]`: how a relay with parents follows their manifest.
@@ -45,6 +48,7 @@ pub struct PrestageConfig {
 }
 
 const DEFAULT_PRESTAGE_INTERVAL: Duration = Duration::from_secs(600);
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// `[admin]`: the admin API under `/v1/admin/`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -184,6 +188,13 @@ struct RawConfig {
     limits: Option<limits::RawLimits>,
     admin: Option<RawAdmin>,
     prestage: Option<RawPrestage>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -270,6 +281,11 @@ impl Config {
             },
             Some(raw) => ctx.prestage(raw)?,
         };
+        let health_interval = ctx.duration(
+            "health.interval",
+            raw.health.and_then(|h| h.interval),
+            DEFAULT_HEALTH_INTERVAL,
+        )?;
         let admin = AdminConfig {
             token_file: raw.admin.and_then(|a| a.token_file).and_then(|file| {
                 let file = file.into_inner();
@@ -283,6 +299,7 @@ impl Config {
             limits,
             admin,
             prestage,
+            health_interval,
         })
     }
 

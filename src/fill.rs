@@ -409,6 +409,9 @@ impl Fills {
                     });
                 }
                 Err(CopyError::Source(e)) => {
+                    if !matches!(e, FetchError::NotFound { .. }) {
+                        self.upstream.record_failure(source.index, &e);
+                    }
                     log_source_failure(&id, source, &e, transfer.written, n + 1 < sources.len());
                     failures.push(e);
                 }
@@ -475,7 +478,7 @@ impl Fills {
             return Ok(());
         }
 
-        Stats::bump(&self.stats.integrity_failures);
+        self.stats.integrity_failure();
         for &source in &transfer.sources_used {
             self.upstream.penalize(source, &id);
         }

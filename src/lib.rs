@@ -12,7 +12,7 @@
 //! - [`body`]: response bodies streaming from a cached or still-filling file.
 //! - [`upstream`]: parents, origin, failover order and the HTTP client.
 //! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
-//! - [`scrub`]: re-hashing the cache in the background.
+//! - [`scrub`]: re-hashing the cache in the background.  [`health`]: /healthz, /readyz.
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
@@ -27,6 +27,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod fill;
+pub mod health;
 pub mod limits;
 pub mod manifest;
 pub mod prestage;

@@ -56,6 +56,8 @@ pub struct Relay {
     prestage_status: Arc<Mutex<PrestageStatus>>,
     /// Re-hashing the cache (unless `scrub_rate = "off"`).
     scrub: Option<JoinHandle<()>>,
+    /// Probing the parents for readiness (relays with parents only).
+    probe: Option<JoinHandle<()>>,
 }
 
 impl Relay {
@@ -124,7 +126,7 @@ impl Relay {
             timezone: config.limits.timezone,
             cache: cache.clone(),
             fills: fills.clone(),
-            upstream,
+            upstream: upstream.clone(),
             limits: limits.clone(),
             clock,
             status: prestage_status.clone(),
@@ -136,8 +138,10 @@ impl Relay {
             limits.clone(),
             stats,
             admin_token,
+            upstream.clone(),
         );
         state.is_root = config.is_root();
+        state.health_interval = config.health_interval;
         let state = Arc::new(state);
 
         let caps = limits.caps();
@@ -158,6 +162,17 @@ impl Relay {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
         let prestage = prestage.map(|task| tokio::spawn(task.run()));
+        let probe = (!config.is_root()).then(|| {
+            let (upstream, every) = (state.upstream.clone(), config.health_interval);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    upstream.probe_parents().await;
+                }
+            })
+        });
         let scrub = config.relay.scrub_rate.map(|rate| {
             let task = Scrub {
                 cache: state.cache.clone(),
@@ -178,6 +193,7 @@ impl Relay {
             prestage,
             prestage_status,
             scrub,
+            probe,
         })
     }
 
@@ -258,7 +274,7 @@ impl Relay {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.schedule.abort();
-        for task in self.prestage.iter().chain(&self.scrub) {
+        for task in self.prestage.iter().chain(&self.scrub).chain(&self.probe) {
             task.abort();
         }
         if let Err(e) = self.server.await {
@@ -278,7 +294,7 @@ impl Relay {
     pub fn abort(self) {
         self.server.abort();
         self.schedule.abort();
-        for task in self.prestage.iter().chain(&self.scrub) {
+        for task in self.prestage.iter().chain(&self.scrub).chain(&self.probe) {
             task.abort();
         }
         self.state.fills.abort_all();

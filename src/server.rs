@@ -32,9 +32,11 @@ use crate::body::{self, Progress, ResponseBody};
 use crate::bundle::{BundleId, BundleIdError};
 use crate::cache::Cache;
 use crate::fill::{FillError, Fills, Joined};
+use crate::health;
 use crate::limits::{Limits, Refusal};
 use crate::range::{self, ByteRange, RangeError};
 use crate::stats::Stats;
+use crate::upstream::Upstream;
 
 /// Response header naming the relay that answered.
 pub const RELAY_HEADER: &str = "x-patchrelay-relay";
@@ -59,6 +61,10 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Whether this relay has no parents (it owns the manifest).
     pub is_root: bool,
+    /// Parents and origin, for readiness.
+    pub upstream: Arc<Upstream>,
+    /// How often parents are probed (`[health] interval`).
+    pub health_interval: Duration,
 }
 
 impl AppState {
@@ -69,6 +75,7 @@ impl AppState {
         limits: Arc<Limits>,
         stats: Arc<Stats>,
         admin_token: Option<String>,
+        upstream: Arc<Upstream>,
     ) -> Self {
         let relay_id_header =
             HeaderValue::from_str(relay_id).expect("config validation keeps relay ids header-safe");
@@ -81,6 +88,8 @@ impl AppState {
             stats,
             admin_token,
             is_root: false,
+            upstream,
+            health_interval: Duration::from_secs(30),
         }
     }
 }
@@ -240,6 +249,17 @@ async fn route(
     }
     if path == "/v1/manifest" {
         return manifest_response(state, request.method()).await;
+    }
+    if path == "/healthz" || path == "/readyz" {
+        if request.method() != Method::GET {
+            return Err(ApiError::Method {
+                method: request.method().clone(),
+            });
+        }
+        return match path {
+            "/healthz" => health::live(state),
+            _ => health::ready(state).await,
+        };
     }
     let Some(id) = path.strip_prefix("/v1/bundles/") else {
         return Err(ApiError::NoRoute {

@@ -37,6 +37,8 @@ pub struct Stats {
     pub refused_rate: AtomicU64,
     /// Downloads refused by `max_downloads` or `max_downloads_per_client` (503).
     pub refused_busy: AtomicU64,
+    /// Unix time of the last integrity failure (fill or scrub); 0 = never.
+    pub last_integrity_failure: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -62,6 +64,24 @@ impl Stats {
     /// Adds one to `counter`.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an integrity failure and notes when it happened.
+    pub fn integrity_failure(&self) {
+        Self::bump(&self.integrity_failures);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs());
+        self.last_integrity_failure.store(now, Ordering::Relaxed);
+    }
+
+    /// Seconds since the last integrity failure, if there was one.
+    pub fn since_integrity_failure(&self) -> Option<u64> {
+        let at = self.last_integrity_failure.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        (at > 0).then(|| now.saturating_sub(at))
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -111,6 +111,18 @@ pub struct Upstream {
     relay_id: String,
     /// (source index, bundle) pairs that recently failed verification, and since when.
     penalties: Mutex<HashMap<(usize, BundleId), Instant>>,
+    /// How each source answered lately, by source index.
+    health: Mutex<HashMap<usize, SourceHealth>>,
+}
+
+/// How a source answered lately: what readiness checks and health reports show.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceHealth {
+    /// When it last answered (any HTTP answer, a 404 included).
+    pub last_success: Option<Instant>,
+    /// Failures (no answer, an error status, a broken transfer) since then.
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
 }
 
 impl Upstream {
@@ -135,6 +147,7 @@ impl Upstream {
             stall_timeout: config.stall_timeout,
             relay_id: relay_id.to_string(),
             penalties: Mutex::default(),
+            health: Mutex::default(),
         }
     }
 
@@ -199,6 +212,59 @@ impl Upstream {
             .collect()
     }
 
+    /// Records that `source` answered.
+    pub fn record_success(&self, source: usize) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = health.entry(source).or_default();
+        entry.last_success = Some(Instant::now());
+        entry.consecutive_failures = 0;
+    }
+
+    /// Records that `source` failed with `error`.
+    pub fn record_failure(&self, source: usize, error: &FetchError) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = health.entry(source).or_default();
+        entry.consecutive_failures += 1;
+        entry.last_error = Some(error.to_string());
+    }
+
+    /// Each source's label and health, in configured order.
+    pub fn health(&self) -> Vec<(String, SourceHealth)> {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        self.sources
+            .iter()
+            .map(|s| {
+                (
+                    s.label().to_string(),
+                    health.get(&s.index).cloned().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether some parent or the origin answered within `within`.
+    pub fn answered_within(&self, within: Duration) -> bool {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health
+            .values()
+            .any(|h| h.last_success.is_some_and(|t| t.elapsed() <= within))
+    }
+
+    /// Asks every parent's `/healthz`, recording who answers: keeps readiness current
+    /// when no bundle is being fetched.
+    pub async fn probe_parents(&self) {
+        for source in &self.sources {
+            let SourceKind::Parent(base) = &source.kind else {
+                continue;
+            };
+            let url = format!("{}/healthz", base.as_str());
+            match self.get_json::<serde_json::Value>(&url).await {
+                Ok(_) => self.record_success(source.index),
+                Err(e) => self.record_failure(source.index, &e),
+            }
+        }
+    }
+
     /// The manifest of the first parent that answers with one.
     pub async fn fetch_manifest(&self) -> Result<Manifest, FetchError> {
         let mut last = None;
@@ -208,8 +274,14 @@ impl Upstream {
             };
             let url = format!("{}/v1/manifest", base.as_str());
             match self.get_json(&url).await {
-                Ok(manifest) => return Ok(manifest),
-                Err(e) => last = Some(e),
+                Ok(manifest) => {
+                    self.record_success(source.index);
+                    return Ok(manifest);
+                }
+                Err(e) => {
+                    self.record_failure(source.index, &e);
+                    last = Some(e);
+                }
             }
         }
         Err(last.unwrap_or(FetchError::NotFound {
@@ -287,15 +359,22 @@ impl Upstream {
         let response =
             match tokio::time::timeout(self.stall_timeout, self.client.request(request)).await {
                 Err(_) => {
-                    return Err(FetchError::Timeout {
+                    let error = FetchError::Timeout {
                         url,
                         after: self.stall_timeout,
-                    })
+                    };
+                    self.record_failure(source.index, &error);
+                    return Err(error);
                 }
-                Ok(Err(e)) => return Err(transport_error(url, &e)),
+                Ok(Err(e)) => {
+                    let error = transport_error(url, &e);
+                    self.record_failure(source.index, &error);
+                    return Err(error);
+                }
                 Ok(Ok(response)) => response,
             };
 
+        self.record_success(source.index);
         let total = check_response(&response, offset, known_total)
             .map_err(|message| classify_status(&url, response.status(), message))?;
         Ok(Opened {

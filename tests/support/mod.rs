@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_util::stream;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -123,7 +123,7 @@ impl MockUpstream {
         format!("http://{}/b/{{id}}", self.addr)
     }
 
-    /// Bundle requests received so far (manifest polls are not counted).
+    /// Bundle requests received so far (health probes and manifest polls are not counted).
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
     }
@@ -166,10 +166,15 @@ async fn accept_loop(listener: TcpListener, state: Arc<MockState>) {
 type MockBody = BoxBody<Bytes, std::io::Error>;
 
 fn mock_response(state: &MockState, req: Request<Incoming>) -> Response<MockBody> {
-    // A relay's pre-staging asks parents for their manifest; a mock has none, and only
-    // bundle requests are counted.
-    if req.uri().path() == "/v1/manifest" {
-        return status_only(StatusCode::NOT_FOUND);
+    // Relays probe their parents' /healthz and poll their manifest; a mock is live and has
+    // no manifest. Only bundle requests are counted.
+    match req.uri().path() {
+        "/healthz" => {
+            let body = Full::new(Bytes::from_static(b"{}")).map_err(|never| match never {});
+            return Response::new(body.boxed());
+        }
+        "/v1/manifest" => return status_only(StatusCode::NOT_FOUND),
+        _ => {}
     }
     state.requests.fetch_add(1, Ordering::SeqCst);
     let range = req
