@@ -172,6 +172,10 @@ pub fn unpin(cache: &Cache, id: &BundleId) -> Result<(), AdminError> {
         let why = format!("bundle {id} is pinned in the config; remove it from relay.pins");
         return Err(AdminError::Conflict(why));
     }
+    if manifest::load(cache.root())?.contains(id) {
+        let why = format!("bundle {id} is in the manifest; it stays pinned until it leaves it");
+        return Err(AdminError::Conflict(why));
+    }
     if cache.unpin(id)? {
         info!(bundle.id = %id, "unpinned");
     }
@@ -266,6 +270,9 @@ pub fn replace_manifest(
     cache: &Cache,
     entries: &[(BundleId, Option<DateTime<Utc>>)],
 ) -> Result<Manifest, AdminError> {
+    // One update at a time in this process, so versions never repeat.
+    static UPDATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UPDATE.lock().unwrap_or_else(|e| e.into_inner());
     let mut bundles = Vec::with_capacity(entries.len());
     for (id, ready_by) in entries {
         let size = std::fs::metadata(cache.object_path(id)).map_err(|_| {

@@ -68,10 +68,11 @@ impl DiskHealth {
         }
     }
 
+    /// Called after data really reached the disk (a commit, a synced probe block): an
+    /// empty file can still be created on a full disk, so creating one proves nothing.
     fn recovered(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
             info!("cache directory is writable again");
-            *self.last_logged.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 }
@@ -174,6 +175,14 @@ impl TempFile {
         &self.file
     }
 
+    /// Removes the file's name now (the open file stays readable); used when a fill moves
+    /// to a spill file, to give the space back at once.
+    pub fn unlink(&self) {
+        if let Some(path) = &self.path {
+            let _ = fs::remove_file(path);
+        }
+    }
+
     /// Whether this is a spill file outside the cache (the cache dir was not writable):
     /// its fill is served pass-through and not kept.
     pub fn is_spill(&self) -> bool {
@@ -255,7 +264,11 @@ impl Cache {
                 // The mtime carries recency across restarts. Failing to set it costs only
                 // recency, so it does not fail the request.
                 let _ = file.set_modified(now);
-                self.index().touch(*id, len, now);
+                let mut index = self.index();
+                // An eviction or purge may have removed it since the open: no ghost entry.
+                if self.object_path(id).is_file() {
+                    index.touch(*id, len, now);
+                }
                 Ok(Some((file, len)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -292,10 +305,7 @@ impl Cache {
     /// (pass-through, still coalescing and verifying) and reports itself degraded.
     pub fn create_fill_file(&self, id: &BundleId) -> io::Result<TempFile> {
         match self.create_temp(id) {
-            Ok(temp) => {
-                self.disk.recovered();
-                Ok(temp)
-            }
+            Ok(temp) => Ok(temp),
             Err(e) => {
                 self.disk.failed(&self.tmp, &e);
                 let file = tempfile::tempfile()?;
@@ -314,11 +324,18 @@ impl Cache {
         self.disk.failed(&self.tmp, error);
     }
 
-    /// Tries to create (and remove) a file in `tmp/`; records the result as the disk
-    /// health.
+    /// Tries to write and sync a block in `tmp/` (the file is removed again); records the
+    /// result as the disk health.
     pub fn probe_writable(&self) -> bool {
-        match self.create_temp(&BundleId::of(b"patchrelay write probe")) {
-            Ok(_) => {
+        let probe = self
+            .create_temp(&BundleId::of(b"patchrelay write probe"))
+            .and_then(|t| {
+                use std::os::unix::fs::FileExt;
+                t.file.write_all_at(&[0u8; 4096], 0)?;
+                t.file.sync_all()
+            });
+        match probe {
+            Ok(()) => {
                 self.disk.recovered();
                 true
             }
@@ -343,6 +360,7 @@ impl Cache {
             return Err(io::Error::other("a spill file is never committed"));
         };
         temp.file.sync_all()?;
+        let size = temp.file.metadata()?.len();
         let dest = self.object_path(id);
         let dir = dest
             .parent()
@@ -350,8 +368,8 @@ impl Cache {
         fs::create_dir_all(dir)?;
         fs::rename(&path, &dest)?;
         temp.committed = true;
-        let size = temp.file.metadata()?.len();
         self.index().touch(*id, size, SystemTime::now());
+        self.disk.recovered();
         File::open(dir)?.sync_all()
     }
 
@@ -387,8 +405,9 @@ impl Cache {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
+                    // Without this room the fill would pass cache_max: serve it through.
                     tracing::warn!(bundle.id = %victim, error = %e, "cannot evict");
-                    continue;
+                    return Room::Full;
                 }
             }
             index.remove(&victim);

@@ -507,6 +507,8 @@ struct Transfer<'a> {
     room: Option<Room>,
     /// Writing to a spill file outside the cache: never kept.
     spill: bool,
+    /// The fill's file in the cache's tmp/, unlinked early if the fill moves to a spill.
+    temp: &'a TempFile,
     /// Sources that contributed bytes, blamed together if the hash does not match.
     sources_used: Vec<usize>,
     last_source: String,
@@ -515,7 +517,7 @@ struct Transfer<'a> {
 impl<'a> Transfer<'a> {
     fn new(
         id: BundleId,
-        temp: &TempFile,
+        temp: &'a TempFile,
         tx: &'a watch::Sender<FillState>,
         limits: &'a Limits,
         stats: &'a Stats,
@@ -533,6 +535,7 @@ impl<'a> Transfer<'a> {
             total: None,
             room: None,
             spill: temp.is_spill(),
+            temp,
             sources_used: Vec::new(),
             last_source: String::new(),
         }
@@ -628,6 +631,8 @@ impl<'a> Transfer<'a> {
         warn!(bundle.id = %self.id, bytes = written,
             "cache dir stopped taking writes mid-fill; continuing pass-through");
         self.tx.send_modify(|s| s.spill = Some(spill.clone()));
+        // Give the full disk its space back now; readers of the old file keep their handle.
+        self.temp.unlink();
         self.file = spill;
         self.spill = true;
         self.room = Some(Room::Unwritable);

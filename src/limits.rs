@@ -209,9 +209,11 @@ impl Limits {
 
     fn apply(&self, config: LimitsConfig, announce: bool) {
         let requests = config.requests_per_client.map(|(count, period)| {
-            let count = NonZeroU32::new(count).expect("config validation keeps counts positive");
-            let quota = Quota::with_period(period / count.get())
-                .expect("a positive period over a positive count is positive")
+            let count = NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN);
+            // More requests per period than nanoseconds in it: one per nanosecond.
+            let each = (period / count.get()).max(Duration::from_nanos(1));
+            let quota = Quota::with_period(each)
+                .expect("the period is at least 1 ns")
                 .allow_burst(count);
             Arc::new(RateLimiter::keyed(quota))
         });
@@ -617,6 +619,16 @@ mod tests {
             Some(100_000),
             "into the day"
         );
+    }
+
+    #[test]
+    fn an_absurd_request_rate_does_not_panic() {
+        let config = LimitsConfig {
+            requests_per_client: Some((2_000_000_000, Duration::from_secs(1))),
+            ..LimitsConfig::default()
+        };
+        let limits = Limits::new(config, Arc::new(SystemClock), Arc::default());
+        assert!(limits.check_request(IpAddr::from([127, 0, 0, 1])).is_ok());
     }
 
     #[test]

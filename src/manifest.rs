@@ -59,7 +59,9 @@ pub fn load(cache_dir: &Path) -> io::Result<Manifest> {
 /// Replaces the manifest kept in `cache_dir` (write, sync, rename).
 pub fn save(cache_dir: &Path, manifest: &Manifest) -> io::Result<()> {
     let path = path_in(cache_dir);
-    let temp = cache_dir.join(format!("manifest.json.{}.tmp", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = cache_dir.join(format!("manifest.json.{}.{seq}.tmp", std::process::id()));
     let bytes = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
     std::fs::write(&temp, bytes)?;
     std::fs::File::open(&temp)?.sync_all()?;

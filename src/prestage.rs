@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use tracing::{info, warn};
 
 use crate::bundle::BundleId;
@@ -49,6 +49,9 @@ pub struct Prestage {
     pub limits: Arc<Limits>,
     pub clock: Arc<dyn WallClock>,
     pub status: Arc<Mutex<PrestageStatus>>,
+    /// Bundles of this manifest version the cache had no room to keep: not fetched again
+    /// until the manifest changes (that would pull them over the WAN every interval).
+    pub no_room: Mutex<(u64, HashSet<BundleId>)>,
 }
 
 impl Prestage {
@@ -98,10 +101,17 @@ impl Prestage {
 
     /// Fills the bundles of `manifest` this relay lacks, earliest deadline first.
     async fn fill_missing(&self, manifest: &Manifest) {
+        let skipped = {
+            let mut no_room = self.no_room.lock().unwrap_or_else(|e| e.into_inner());
+            if no_room.0 != manifest.version {
+                *no_room = (manifest.version, HashSet::new());
+            }
+            no_room.1.clone()
+        };
         let missing: Vec<ManifestEntry> = manifest
             .bundles
             .iter()
-            .filter(|b| !self.cache.contains(&b.id))
+            .filter(|b| !self.cache.contains(&b.id) && !skipped.contains(&b.id))
             .cloned()
             .collect();
         let now = self.clock.now();
@@ -127,6 +137,7 @@ impl Prestage {
                 continue;
             }
             self.fill_one(&step.entry).await;
+            self.note_if_not_kept(&step.entry, manifest.version);
         }
     }
 
@@ -162,6 +173,19 @@ impl Prestage {
         }
     }
 
+    /// A fill that ended but left nothing in the cache found no room: remember it.
+    fn note_if_not_kept(&self, entry: &ManifestEntry, version: u64) {
+        let filling = self.fills.running() > 0;
+        if self.cache.contains(&entry.id) || filling {
+            return;
+        }
+        let mut no_room = self.no_room.lock().unwrap_or_else(|e| e.into_inner());
+        if no_room.0 == version && no_room.1.insert(entry.id) {
+            warn!(bundle.id = %entry.id, bytes = entry.size, manifest.version = version,
+                "no room to keep this manifest bundle; not pre-staging it again this cycle");
+        }
+    }
+
     fn flag_at_risk(&self, plan: &[Step]) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         for step in plan.iter().filter(|s| s.at_risk) {
@@ -180,7 +204,7 @@ struct Step {
     entry: ManifestEntry,
     /// When this fill must start at the latest: its deadline less twice the time the fills
     /// up to it take at the upstream cap (the cap is a ceiling, not a promise, hence the
-    /// margin); `None` without deadline or cap.
+    /// margin; without a cap, the deadline itself); `None` without deadline.
     latest_start: Option<DateTime<Utc>>,
     /// Even starting now, it would be late.
     at_risk: bool,
@@ -193,22 +217,30 @@ const START_MARGIN: i32 = 2;
 /// and works out when each must start, given `cap` bytes/s upstream.
 fn plan(mut missing: Vec<ManifestEntry>, now: DateTime<Utc>, cap: Option<u64>) -> Vec<Step> {
     missing.sort_by_key(|e| e.ready_by.map_or((1, DateTime::<Utc>::MAX_UTC), |t| (0, t)));
-    let transfer = |bytes: u64| {
-        cap.map(|rate| chrono::Duration::milliseconds((bytes as f64 / rate as f64 * 1e3) as i64))
+    // Without a cap the transfer time is unknown but short: plan it as none. Sizes come
+    // from a parent, so the arithmetic saturates instead of trusting them.
+    let transfer = |bytes: u64| match cap {
+        None => Some(TimeDelta::zero()),
+        Some(rate) => TimeDelta::try_milliseconds((bytes as f64 / rate as f64 * 1e3) as i64),
     };
     let mut queued = 0u64;
     missing
         .into_iter()
         .map(|entry| {
-            queued += entry.size;
+            queued = queued.saturating_add(entry.size);
             let needed = transfer(queued);
-            let latest_start = entry
-                .ready_by
-                .zip(needed)
-                .map(|(t, d)| t - d * START_MARGIN);
-            let at_risk = match (entry.ready_by, needed) {
-                (Some(deadline), Some(needed)) => now + needed > deadline,
-                (Some(deadline), None) => now > deadline,
+            let margin = needed.and_then(|d| d.checked_mul(START_MARGIN));
+            let latest_start = match (entry.ready_by, margin) {
+                (Some(t), Some(m)) => {
+                    Some(t.checked_sub_signed(m).unwrap_or(DateTime::<Utc>::MIN_UTC))
+                }
+                (Some(_), None) => Some(DateTime::<Utc>::MIN_UTC),
+                (None, _) => None,
+            };
+            let finish = needed.and_then(|d| now.checked_add_signed(d));
+            let at_risk = match (entry.ready_by, finish) {
+                (Some(deadline), Some(finish)) => finish > deadline,
+                (Some(_), None) => true,
                 (None, _) => false,
             };
             Step {
@@ -272,6 +304,14 @@ mod tests {
         assert!(steps[0].at_risk, "5 s of transfer for a 2 s deadline");
         assert!(!steps[1].at_risk, "5.1 s for a 10 s deadline");
         let unlimited = plan(vec![entry(b"c", 5000, Some(-1), now)], now, None);
+        let open = plan(vec![entry(b"d", 5000, Some(60), now)], now, None);
+        let deadline = now + chrono::Duration::seconds(60);
+        assert_eq!(
+            open[0].latest_start,
+            Some(deadline),
+            "no cap: start by the deadline"
+        );
+        assert!(!open[0].at_risk);
         assert!(
             unlimited[0].at_risk,
             "a passed deadline is at risk whatever the cap"

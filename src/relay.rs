@@ -130,6 +130,7 @@ impl Relay {
             limits: limits.clone(),
             clock,
             status: prestage_status.clone(),
+            no_room: Mutex::default(),
         });
         let mut state = AppState::new(
             &config.relay.id,

@@ -276,7 +276,8 @@ async fn route(
         }
     };
     let id: BundleId = id.parse()?;
-    if head {
+    // HEAD and a 304 send no body: they are not downloads and take no slot.
+    if head || if_none_match(request.headers(), &id) == IfNoneMatch::Id {
         return serve_bundle(state, request.headers(), id, head).await;
     }
 

@@ -175,7 +175,10 @@ async fn cache_cli_talks_to_a_running_relay() {
     );
     let (code, out, _) = cache_cmd(&config, &["ls"]);
     assert_eq!(code, Some(0));
-    assert!(out.lines().nth(1).unwrap().ends_with("yes"), "{out}");
+    assert!(
+        out.lines().nth(1).unwrap().trim_end().ends_with("yes"),
+        "{out}"
+    );
 
     let (code, out, _) = cache_cmd(&config, &["verify"]);
     assert_eq!(code, Some(0));
@@ -267,6 +270,12 @@ async fn the_root_manifest_is_set_through_the_admin_api() {
     assert_eq!(
         listed["bundles"][0]["pinned"], true,
         "manifest bundles are pinned"
+    );
+
+    let unpin = admin(&relay, "DELETE", &format!("pins/{id}"), Some(TOKEN)).await;
+    assert_eq!(
+        unpin.status, 409,
+        "a manifest bundle stays pinned while in the manifest"
     );
 
     let unknown = BundleId::of(b"never published");

@@ -158,8 +158,15 @@ async fn download_caps_answer_503_and_free_the_slot_when_a_download_ends() {
         .unwrap()
         .contains("too many downloads"));
 
-    // HEAD is not a download.
+    // HEAD and a conditional GET answered 304 are not downloads.
     assert_eq!(c.send("HEAD", &url, &[]).await.status, 200);
+    let etag = format!("\"{id}\"");
+    assert_eq!(
+        c.send("GET", &url, &[("if-none-match", &etag)])
+            .await
+            .status,
+        304
+    );
 
     // When A's download ends (here: A hangs up), its slot is free again.
     drop(running);

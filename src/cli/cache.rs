@@ -60,6 +60,8 @@ fn offline_call(config: &Config, command: &CacheCommand) -> Result<Output, Strin
     };
     let (cache, _) =
         Cache::open_for_serving(&config.relay.cache_dir, bounds).map_err(|e| e.to_string())?;
+    let manifest = crate::manifest::load(&config.relay.cache_dir).map_err(|e| e.to_string())?;
+    cache.set_manifest_pins(manifest.bundles.iter().map(|b| b.id).collect());
     let done = |id: &BundleId, what: &str, value: bool| {
         Output::Done(serde_json::json!({ "id": id.to_string(), what: value }))
     };
@@ -186,17 +188,17 @@ fn print(command: &CacheCommand, output: Output, json: bool) -> ExitCode {
 }
 
 fn print_listing(listing: &CacheListing) {
+    let header = ("ID", "SIZE", "LAST ACCESS", "PINNED", "MANIFEST");
     println!(
-        "{:<64}  {:>10}  {:<20}  PINNED",
-        "ID", "SIZE", "LAST ACCESS"
+        "{:<64}  {:>10}  {:<20}  {:<6}  {}",
+        header.0, header.1, header.2, header.3, header.4
     );
     for b in &listing.bundles {
-        let pinned = if b.pinned { "yes" } else { "" };
+        let yes = |flag: bool| if flag { "yes" } else { "" };
+        let (size, pinned, manifest) = (human(b.size), yes(b.pinned), yes(b.in_manifest));
         println!(
-            "{:<64}  {:>10}  {:<20}  {pinned}",
-            b.id,
-            human(b.size),
-            b.last_access
+            "{:<64}  {size:>10}  {:<20}  {pinned:<6}  {manifest}",
+            b.id, b.last_access
         );
     }
     let max = listing
