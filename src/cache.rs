@@ -47,6 +47,8 @@ pub struct Cache {
     manifest_pins: Mutex<HashSet<BundleId>>,
     index: Mutex<Index>,
     disk: DiskHealth,
+    /// Bundles evicted to make room, in all.
+    pub evictions: AtomicU64,
 }
 
 /// Whether the cache dir takes writes, and when that was last logged.
@@ -211,6 +213,7 @@ impl Cache {
             manifest_pins: Mutex::default(),
             index: Mutex::default(),
             disk: DiskHealth::default(),
+            evictions: AtomicU64::new(0),
         };
         for dir in [&cache.objects, &cache.tmp, &cache.pins] {
             fs::create_dir_all(dir).map_err(|source| CacheError {
@@ -411,6 +414,7 @@ impl Cache {
                 }
             }
             index.remove(&victim);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
             let idle = entry.last_access.elapsed().unwrap_or_default().as_secs();
             info!(bundle.id = %victim, bytes = entry.size, idle_seconds = idle, "evicted");
         }
@@ -533,6 +537,11 @@ impl Cache {
     /// Bytes of complete bundles the index knows of.
     pub fn used_bytes(&self) -> u64 {
         self.index().used
+    }
+
+    /// Complete bundles the index knows of.
+    pub fn bundle_count(&self) -> u64 {
+        self.index().entries.len() as u64
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {

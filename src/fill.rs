@@ -416,10 +416,11 @@ impl Fills {
                     failures.push(e);
                 }
             }
-            n += 1;
-            if n < sources.len() {
+            if n + 1 < sources.len() {
                 Stats::bump(&self.stats.failovers);
+                self.upstream.record_failover(source.index);
             }
+            n += 1;
         }
         Err(summarize(id, &failures))
     }

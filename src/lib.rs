@@ -13,6 +13,7 @@
 //! - [`upstream`]: parents, origin, failover order and the HTTP client.
 //! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
 //! - [`scrub`]: re-hashing the cache in the background.  [`health`]: /healthz, /readyz.
+//! - [`metrics`]: /metrics for Prometheus.
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
@@ -30,6 +31,7 @@ pub mod fill;
 pub mod health;
 pub mod limits;
 pub mod manifest;
+pub mod metrics;
 pub mod prestage;
 pub mod publish;
 pub mod range;

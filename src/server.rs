@@ -34,6 +34,7 @@ use crate::cache::Cache;
 use crate::fill::{FillError, Fills, Joined};
 use crate::health;
 use crate::limits::{Limits, Refusal};
+use crate::metrics;
 use crate::range::{self, ByteRange, RangeError};
 use crate::stats::Stats;
 use crate::upstream::Upstream;
@@ -231,6 +232,7 @@ pub async fn handle(
     response
         .headers_mut()
         .insert(RELAY_HEADER, state.relay_id_header.clone());
+    state.stats.response(response.status().as_u16());
     debug!(client.addr = %client, http.method = %method, http.path = %path,
         http.status = response.status().as_u16(), "request");
     response
@@ -249,6 +251,9 @@ async fn route(
     }
     if path == "/v1/manifest" {
         return manifest_response(state, request.method()).await;
+    }
+    if path == "/metrics" {
+        return metrics::response(state);
     }
     if path == "/healthz" || path == "/readyz" {
         if request.method() != Method::GET {

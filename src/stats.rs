@@ -39,6 +39,8 @@ pub struct Stats {
     pub refused_busy: AtomicU64,
     /// Unix time of the last integrity failure (fill or scrub); 0 = never.
     pub last_integrity_failure: AtomicU64,
+    /// Responses by HTTP status code.
+    pub statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -64,6 +66,12 @@ impl Stats {
     /// Adds one to `counter`.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a response with `status`.
+    pub fn response(&self, status: u16) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        *statuses.entry(status).or_insert(0) += 1;
     }
 
     /// Counts an integrity failure and notes when it happened.

@@ -123,6 +123,10 @@ pub struct SourceHealth {
     /// Failures (no answer, an error status, a broken transfer) since then.
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+    /// Failures in all.
+    pub errors_total: u64,
+    /// Times a fill left this source for the next one.
+    pub failovers_total: u64,
 }
 
 impl Upstream {
@@ -225,7 +229,14 @@ impl Upstream {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         let entry = health.entry(source).or_default();
         entry.consecutive_failures += 1;
+        entry.errors_total += 1;
         entry.last_error = Some(error.to_string());
+    }
+
+    /// Records that a fill left `source` for the next one.
+    pub fn record_failover(&self, source: usize) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.entry(source).or_default().failovers_total += 1;
     }
 
     /// Each source's label and health, in configured order.

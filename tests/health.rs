@@ -106,3 +106,108 @@ async fn readyz_fails_when_the_cache_dir_takes_no_writes() {
     assert!(relay.degraded());
     relay.shutdown().await;
 }
+
+/// The samples of an OpenMetrics text page, checking its shape: `# HELP`/`# TYPE` lines,
+/// `name{labels} value` samples with numeric values, and `# EOF` last.
+fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "the page must end with # EOF");
+    let mut samples = Vec::new();
+    for line in &lines[..lines.len() - 1] {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(name.starts_with("patchrelay_"), "{line:?}");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "{line:?}");
+        }
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(s, _)| s == series)
+        .unwrap_or_else(|| panic!("no sample {series}"))
+        .1
+}
+
+#[tokio::test]
+async fn metrics_parse_and_count_what_happens() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(10_000, 100);
+    let id = origin.add(&data);
+    let relay = start_relay("edge", dir.path(), &[], Some(&origin.origin_template())).await;
+    let client = TestClient::default();
+    let metrics = || async {
+        let got = TestClient::default()
+            .get(&format!("{}/metrics", url_of(&relay)))
+            .await;
+        assert_eq!(got.status, 200);
+        assert!(got
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+        parse_metrics(std::str::from_utf8(got.bytes()).unwrap())
+    };
+
+    let before = metrics().await;
+    assert_eq!(
+        sample(&before, r#"patchrelay_cache_requests_total{result="hit"}"#),
+        0.0
+    );
+    let build = format!(
+        r#"patchrelay_build_info{{version="{}",relay="edge"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&before, &build), 1.0);
+
+    client.get(&bundle_url(&url_of(&relay), &id)).await;
+    eventually("the fill has ended", || relay.running_fills() == 0).await;
+    client.get(&bundle_url(&url_of(&relay), &id)).await;
+    client
+        .get(&format!("{}/v1/bundles/nope", url_of(&relay)))
+        .await;
+
+    let after = metrics().await;
+    assert_eq!(
+        sample(&after, r#"patchrelay_cache_requests_total{result="miss"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, r#"patchrelay_cache_requests_total{result="hit"}"#),
+        1.0
+    );
+    assert_eq!(sample(&after, "patchrelay_fills_completed_total"), 1.0);
+    assert_eq!(
+        sample(&after, r#"patchrelay_bytes_total{direction="received"}"#),
+        10_000.0
+    );
+    assert_eq!(
+        sample(&after, r#"patchrelay_bytes_total{direction="sent"}"#),
+        20_000.0
+    );
+    assert_eq!(
+        sample(&after, r#"patchrelay_requests_total{status="400"}"#),
+        1.0
+    );
+    assert!(sample(&after, r#"patchrelay_requests_total{status="200"}"#) >= 3.0);
+    assert_eq!(sample(&after, "patchrelay_cache_bytes"), 10_000.0);
+    assert_eq!(sample(&after, "patchrelay_cache_bundles"), 1.0);
+    relay.shutdown().await;
+}
