@@ -35,7 +35,21 @@ pub struct Config {
     /// `[health] interval`: how often parents are probed; readiness wants an answer from a
     /// parent or the origin within two intervals. Default 30 s.
     pub health_interval: Duration,
+    /// `[monitor]`: where agent reports go.
+    pub monitor: MonitorConfig,
 }
+
+/// `[monitor]`: the upward channel for agent reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonitorConfig {
+    /// Base URL of the central monitor; `None` = send to the parents, which forward.
+    pub url: Option<BaseUrl>,
+    /// Most bytes of reports kept waiting on disk; beyond it new batches get 503.
+    /// Default 256 MiB.
+    pub spool_max: u64,
+}
+
+const DEFAULT_SPOOL_MAX: u64 = 256 << 20;
 
 /// `[prestage]`: how a relay with parents follows their manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -189,6 +203,14 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     prestage: Option<RawPrestage>,
     health: Option<RawHealth>,
+    monitor: Option<RawMonitor>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMonitor {
+    url: Option<Spanned<String>>,
+    spool_max: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -286,6 +308,13 @@ impl Config {
             raw.health.and_then(|h| h.interval),
             DEFAULT_HEALTH_INTERVAL,
         )?;
+        let monitor = match raw.monitor {
+            None => MonitorConfig {
+                url: None,
+                spool_max: DEFAULT_SPOOL_MAX,
+            },
+            Some(raw) => ctx.monitor(raw)?,
+        };
         let admin = AdminConfig {
             token_file: raw.admin.and_then(|a| a.token_file).and_then(|file| {
                 let file = file.into_inner();
@@ -300,6 +329,7 @@ impl Config {
             admin,
             prestage,
             health_interval,
+            monitor,
         })
     }
 
@@ -400,6 +430,21 @@ impl Ctx<'_> {
             scrub_rate,
             scrub_interval,
         })
+    }
+
+    fn monitor(&self, raw: RawMonitor) -> Result<MonitorConfig, ConfigError> {
+        let url = match &raw.url {
+            Some(url) if !url.get_ref().trim().is_empty() => {
+                Some(self.base_url("monitor.url", url)?)
+            }
+            _ => None,
+        };
+        let spool_max = match &raw.spool_max {
+            None => DEFAULT_SPOOL_MAX,
+            Some(v) => crate::units::parse_size(v.get_ref())
+                .map_err(|m| self.invalid("monitor.spool_max", v, m))?,
+        };
+        Ok(MonitorConfig { url, spool_max })
     }
 
     fn prestage(&self, raw: RawPrestage) -> Result<PrestageConfig, ConfigError> {

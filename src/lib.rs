@@ -13,7 +13,7 @@
 //! - [`upstream`]: parents, origin, failover order and the HTTP client.
 //! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
 //! - [`scrub`]: re-hashing the cache in the background.  [`health`]: /healthz, /readyz.
-//! - [`metrics`]: /metrics for Prometheus.
+//! - [`metrics`]: /metrics for Prometheus.  [`reports`]: agent reports, spooled and forwarded.
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
@@ -36,6 +36,7 @@ pub mod prestage;
 pub mod publish;
 pub mod range;
 pub mod relay;
+pub mod reports;
 pub mod scrub;
 pub mod server;
 pub mod stats;

@@ -18,6 +18,7 @@ use crate::config::{Config, ConfigError};
 use crate::fill::Fills;
 use crate::limits::{Limits, SystemClock, WallClock};
 use crate::prestage::{Prestage, PrestageStatus};
+use crate::reports::{self, Spool, Target};
 use crate::scrub::Scrub;
 use crate::server::{self, AppState};
 use crate::stats::{Stats, StatsSnapshot};
@@ -58,6 +59,8 @@ pub struct Relay {
     scrub: Option<JoinHandle<()>>,
     /// Probing the parents for readiness (relays with parents only).
     probe: Option<JoinHandle<()>>,
+    /// Forwarding spooled agent reports up (when there is a monitor or a parent).
+    reporter: Option<JoinHandle<()>>,
 }
 
 impl Relay {
@@ -143,6 +146,15 @@ impl Relay {
         );
         state.is_root = config.is_root();
         state.health_interval = config.health_interval;
+        let spool_dir = config.relay.cache_dir.join("spool").join("reports");
+        let spool = Spool::open(&spool_dir, config.monitor.spool_max).map_err(|source| {
+            StartError::Cache(CacheError {
+                path: spool_dir.clone(),
+                source,
+            })
+        })?;
+        let spool = Arc::new(spool);
+        state.reports = Some(spool.clone());
         let state = Arc::new(state);
 
         let caps = limits.caps();
@@ -174,6 +186,22 @@ impl Relay {
                 }
             })
         });
+        let receivers: Vec<String> = match &config.monitor.url {
+            Some(monitor) => vec![format!("{}/v1/reports", monitor.as_str())],
+            None => config
+                .upstream
+                .parents
+                .iter()
+                .map(|p| format!("{}/v1/reports", p.as_str()))
+                .collect(),
+        };
+        let reporter = (!receivers.is_empty()).then(|| {
+            let target = Target {
+                urls: receivers,
+                relay_id: config.relay.id.clone(),
+            };
+            tokio::spawn(reports::forward(spool, target))
+        });
         let scrub = config.relay.scrub_rate.map(|rate| {
             let task = Scrub {
                 cache: state.cache.clone(),
@@ -195,6 +223,7 @@ impl Relay {
             prestage_status,
             scrub,
             probe,
+            reporter,
         })
     }
 
@@ -275,7 +304,8 @@ impl Relay {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.schedule.abort();
-        for task in self.prestage.iter().chain(&self.scrub).chain(&self.probe) {
+        let tasks = [&self.prestage, &self.scrub, &self.probe, &self.reporter];
+        for task in tasks.into_iter().flatten() {
             task.abort();
         }
         if let Err(e) = self.server.await {
@@ -295,7 +325,8 @@ impl Relay {
     pub fn abort(self) {
         self.server.abort();
         self.schedule.abort();
-        for task in self.prestage.iter().chain(&self.scrub).chain(&self.probe) {
+        let tasks = [&self.prestage, &self.scrub, &self.probe, &self.reporter];
+        for task in tasks.into_iter().flatten() {
             task.abort();
         }
         self.state.fills.abort_all();

@@ -36,8 +36,10 @@ use crate::health;
 use crate::limits::{Limits, Refusal};
 use crate::metrics;
 use crate::range::{self, ByteRange, RangeError};
+use crate::reports::{self, ReportError, Spool};
 use crate::stats::Stats;
 use crate::upstream::Upstream;
+use http_body_util::BodyExt;
 
 /// Response header naming the relay that answered.
 pub const RELAY_HEADER: &str = "x-patchrelay-relay";
@@ -66,6 +68,8 @@ pub struct AppState {
     pub upstream: Arc<Upstream>,
     /// How often parents are probed (`[health] interval`).
     pub health_interval: Duration,
+    /// Agent reports waiting to go up; `None` until the relay sets it.
+    pub reports: Option<Arc<Spool>>,
 }
 
 impl AppState {
@@ -91,6 +95,7 @@ impl AppState {
             is_root: false,
             upstream,
             health_interval: Duration::from_secs(30),
+            reports: None,
         }
     }
 }
@@ -122,6 +127,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("the report spool is full; retry later")]
+    SpoolFull,
     #[error("bundle {id} is not cached here")]
     NotCached { id: BundleId },
     #[error("internal error: {0}")]
@@ -156,7 +163,7 @@ impl ApiError {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Limited(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Limited(_) | Self::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -207,6 +214,7 @@ impl ApiError {
             }
             Self::Method { .. } => builder = builder.header(ALLOW, "GET, HEAD"),
             Self::Unauthorized => builder = builder.header(WWW_AUTHENTICATE, "Bearer"),
+            Self::SpoolFull => builder = builder.header(RETRY_AFTER, 30),
             Self::Limited(refusal) => {
                 builder = builder.header(RETRY_AFTER, refusal.retry_after_secs())
             }
@@ -252,6 +260,9 @@ async fn route(
     if path == "/v1/manifest" {
         return manifest_response(state, request.method()).await;
     }
+    if path == "/v1/reports" {
+        return accept_reports(state, request).await;
+    }
     if path == "/metrics" {
         return metrics::response(state);
     }
@@ -290,6 +301,42 @@ async fn route(
     let permit = state.limits.start_download(client)?;
     let response = serve_bundle(state, request.headers(), id, head).await?;
     Ok(response.map(|body| state.limits.throttle(body, client, Some(permit))))
+}
+
+/// `POST /v1/reports`: validates the whole batch, spools it durably, then answers 202.
+async fn accept_reports(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    if request.method() != Method::POST {
+        return Err(ApiError::Method {
+            method: request.method().clone(),
+        });
+    }
+    let Some(spool) = state.reports.clone() else {
+        return Err(ApiError::Internal("no report spool".into()));
+    };
+    let body = http_body_util::Limited::new(request.into_body(), reports::MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("reports body: {e}")))?
+        .to_bytes();
+    let batch = reports::parse_batch(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let received = batch.len();
+    let accepted = tokio::task::spawn_blocking(move || spool.append(batch))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            ReportError::SpoolFull => ApiError::SpoolFull,
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    let mut response = admin::json(&serde_json::json!({
+        "received": received,
+        "accepted": accepted,
+        "relay": state.relay_id,
+    }))?;
+    *response.status_mut() = StatusCode::ACCEPTED;
+    Ok(response)
 }
 
 /// `GET /v1/manifest`: the manifest this relay holds (its own at a root, its parent's

@@ -1,0 +1,335 @@
+//! Agent reports: outcomes of installing a bundle, carried up the tree to the monitor
+//! without losing one.
+//!
+//! `POST /v1/reports` takes a JSON array of reports. The whole batch is validated first (a
+//! malformed report gets 400 naming what is wrong, and nothing of the batch is kept), then
+//! written durably to the spool (write, fsync, rename, fsync the directory) before the
+//! 202 answer. A sender task forwards spooled batches to `[monitor] url` or, without one,
+//! to the first parent that takes them, which spools and forwards them in turn. A batch
+//! leaves the spool only when the receiver acknowledged it with a 2xx; until then it is
+//! retried with backoff, across restarts. Receivers drop report ids they have seen
+//! recently, and the monitor dedupes by `report_id`, so a batch sent twice is harmless.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::bundle::BundleId;
+
+/// Largest `POST /v1/reports` body.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Most reports in one batch.
+pub const MAX_BATCH: usize = 10_000;
+/// Report ids remembered to drop duplicates before spooling.
+const RECENT_IDS: usize = 200_000;
+
+/// One agent's outcome for one bundle of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub report_id: String,
+    pub agent: String,
+    pub deployment: String,
+    pub bundle: String,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub detail: String,
+    pub at: DateTime<Utc>,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Installed,
+    Failed,
+}
+
+/// Why a batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("reports: {0}")]
+    Invalid(String),
+    #[error("the report spool is full; retry later")]
+    SpoolFull,
+    #[error("cannot spool reports: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Parses and checks a batch; every error names the report (by index) and the field.
+pub fn parse_batch(body: &[u8]) -> Result<Vec<Report>, ReportError> {
+    let reports: Vec<Report> =
+        serde_json::from_slice(body).map_err(|e| ReportError::Invalid(e.to_string()))?;
+    if reports.len() > MAX_BATCH {
+        return Err(ReportError::Invalid(format!(
+            "at most {MAX_BATCH} reports per batch"
+        )));
+    }
+    for (i, report) in reports.iter().enumerate() {
+        let field = |name: &str, value: &str, max: usize| {
+            if value.trim().is_empty() || value.len() > max {
+                Err(ReportError::Invalid(format!(
+                    "report {i}: field `{name}` must be 1 to {max} characters"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        field("report_id", &report.report_id, 128)?;
+        field("agent", &report.agent, 256)?;
+        field("deployment", &report.deployment, 256)?;
+        if report.bundle.parse::<BundleId>().is_err() {
+            return Err(ReportError::Invalid(format!(
+                "report {i}: field `bundle` must be a bundle id (64 lowercase hex characters)"
+            )));
+        }
+        if report.detail.len() > 4096 {
+            let msg = format!("report {i}: field `detail` must be at most 4096 characters");
+            return Err(ReportError::Invalid(msg));
+        }
+    }
+    Ok(reports)
+}
+
+/// The on-disk spool of report batches waiting to go up.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Recently accepted report ids, oldest first, to drop duplicates.
+    recent: Mutex<(HashSet<String>, VecDeque<String>)>,
+    /// Batches refused because the spool was full.
+    pub refused_full: AtomicU64,
+}
+
+impl Spool {
+    /// Opens (creating) the spool directory; leftovers of interrupted writes are removed.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            recent: Mutex::default(),
+            refused_full: AtomicU64::new(0),
+        })
+    }
+
+    /// Durably adds the reports of `batch` not seen recently; returns how many were new.
+    pub fn append(&self, batch: Vec<Report>) -> Result<usize, ReportError> {
+        let fresh: Vec<Report> = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            batch
+                .into_iter()
+                .filter(|r| !recent.0.contains(&r.report_id))
+                .collect()
+        };
+        if fresh.is_empty() {
+            return Ok(0);
+        }
+        let bytes = serde_json::to_vec(&fresh).map_err(io::Error::other)?;
+        if self.used_bytes()? + bytes.len() as u64 > self.max_bytes {
+            self.refused_full.fetch_add(1, Ordering::Relaxed);
+            error!(
+                reports = fresh.len(),
+                "report spool is full; refusing the batch (503)"
+            );
+            return Err(ReportError::SpoolFull);
+        }
+        self.write_batch(&bytes)?;
+        self.remember(&fresh);
+        Ok(fresh.len())
+    }
+
+    fn write_batch(&self, bytes: &[u8]) -> io::Result<()> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{nanos:024}-{seq:08}-{}", std::process::id());
+        let temp = self.dir.join(format!("{name}.tmp"));
+        fs::write(&temp, bytes)?;
+        fs::File::open(&temp)?.sync_all()?;
+        fs::rename(&temp, self.dir.join(format!("{name}.json")))?;
+        fs::File::open(&self.dir)?.sync_all()
+    }
+
+    fn remember(&self, reports: &[Report]) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for report in reports {
+            if recent.0.insert(report.report_id.clone()) {
+                recent.1.push_back(report.report_id.clone());
+            }
+        }
+        while recent.1.len() > RECENT_IDS {
+            if let Some(old) = recent.1.pop_front() {
+                recent.0.remove(&old);
+            }
+        }
+    }
+
+    /// Spooled batch files, oldest first.
+    pub fn batches(&self) -> io::Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Reports waiting in the spool.
+    pub fn pending(&self) -> io::Result<usize> {
+        let mut count = 0;
+        for batch in self.batches()? {
+            let reports: Vec<Report> = serde_json::from_slice(&fs::read(&batch)?)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            count += reports.len();
+        }
+        Ok(count)
+    }
+
+    fn used_bytes(&self) -> io::Result<u64> {
+        let mut used = 0;
+        for batch in self.batches()? {
+            used += fs::metadata(&batch).map_or(0, |m| m.len());
+        }
+        Ok(used)
+    }
+}
+
+/// Sends spooled batches up until the task is dropped.
+pub async fn forward(spool: std::sync::Arc<Spool>, target: Target) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let batches = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.batches()).await
+        };
+        let batches = match batches {
+            Ok(Ok(batches)) => batches,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the report spool");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        if batches.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        match send_batch(&target, &batches[0]).await {
+            Ok(()) => {
+                let _ = fs::remove_file(&batches[0]);
+                backoff = Duration::from_millis(200);
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "cannot forward reports; keeping them spooled");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Where reports go: the monitor, or the parents in order.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub urls: Vec<String>,
+    pub relay_id: String,
+}
+
+async fn send_batch(target: &Target, batch: &Path) -> Result<(), String> {
+    let body = fs::read(batch).map_err(|e| format!("{}: {e}", batch.display()))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut last = String::from("no receiver configured");
+    for url in &target.urls {
+        let request = http::Request::post(url)
+            .header("content-type", "application/json")
+            .header(crate::server::RELAY_HEADER, &target.relay_id)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout(Duration::from_secs(15), client.request(request)).await;
+        match answer {
+            Ok(Ok(response)) if response.status().is_success() => {
+                info!(receiver = %url, batch = %batch.display(), "reports forwarded");
+                return Ok(());
+            }
+            Ok(Ok(response)) => last = format!("{url}: answered {}", response.status()),
+            Ok(Err(e)) => last = format!("{url}: {e}"),
+            Err(_) => last = format!("{url}: no answer"),
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "report_id": id, "agent": "pc-042", "deployment": "2026-12",
+            "bundle": BundleId::of(b"kb").to_string(), "outcome": "installed",
+            "detail": "", "at": "2026-12-08T07:00:00Z"
+        })
+    }
+
+    #[test]
+    fn a_bad_report_names_its_field_and_fails_the_batch() {
+        let mut bad = report("r2");
+        bad["outcome"] = "done".into();
+        let body = serde_json::to_vec(&vec![report("r1"), bad]).unwrap();
+        let err = parse_batch(&body).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `done`"), "{err}");
+
+        let mut no_agent = report("r3");
+        no_agent["agent"] = "".into();
+        let err = parse_batch(&serde_json::to_vec(&vec![no_agent]).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("report 0: field `agent`"), "{err}");
+
+        let mut bad_bundle = report("r4");
+        bad_bundle["bundle"] = "kb123".into();
+        let err = parse_batch(&serde_json::to_vec(&vec![bad_bundle]).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("field `bundle`"), "{err}");
+    }
+
+    #[test]
+    fn spool_keeps_batches_durably_drops_duplicates_and_has_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 2000).unwrap();
+        let batch = parse_batch(&serde_json::to_vec(&vec![report("a"), report("b")]).unwrap());
+        assert_eq!(spool.append(batch.unwrap()).unwrap(), 2);
+        let again = parse_batch(&serde_json::to_vec(&vec![report("b"), report("c")]).unwrap());
+        assert_eq!(
+            spool.append(again.unwrap()).unwrap(),
+            1,
+            "b was seen already"
+        );
+        assert_eq!(spool.pending().unwrap(), 3);
+
+        let reopened = Spool::open(dir.path(), 2000).unwrap();
+        assert_eq!(reopened.batches().unwrap().len(), 2);
+        let many: Vec<_> = (0..20).map(|i| report(&format!("x{i}"))).collect();
+        let many = parse_batch(&serde_json::to_vec(&many).unwrap()).unwrap();
+        assert!(matches!(reopened.append(many), Err(ReportError::SpoolFull)));
+        assert_eq!(reopened.refused_full.load(Ordering::Relaxed), 1);
+    }
+}
