@@ -37,6 +37,42 @@ pub struct Config {
     pub health_interval: Duration,
     /// `[monitor]`: where agent reports go.
     pub monitor: MonitorConfig,
+    /// `[beacon]`: signed health beacons.
+    pub beacon: BeaconConfig,
+}
+
+/// `[beacon]`: signed health beacons, sent up the same way as reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BeaconConfig {
+    /// How often a beacon is sent. Default 30 s.
+    pub interval: Duration,
+    /// File holding the 32-byte key (64 hex characters) shared by the tree and the
+    /// monitor. `None` = beacons off, and `/v1/beacons` refuses everything.
+    pub key_file: Option<PathBuf>,
+    /// A received beacon whose timestamp is further than this from now is refused.
+    /// Default 5 minutes.
+    pub max_skew: Duration,
+}
+
+impl BeaconConfig {
+    /// Reads the key; `Ok(None)` when beacons are off.
+    pub fn read_key(&self) -> Result<Option<[u8; 32]>, ConfigError> {
+        let Some(path) = &self.key_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let invalid = || ConfigError::Invalid {
+            path: path.display().to_string(),
+            line: 1,
+            key: "beacon.key_file".into(),
+            message: "the key must be 64 hex characters (32 bytes)".into(),
+        };
+        let hash = blake3::Hash::from_hex(text.trim()).map_err(|_| invalid())?;
+        Ok(Some(*hash.as_bytes()))
+    }
 }
 
 /// `[monitor]`: the upward channel for agent reports.
@@ -50,6 +86,8 @@ pub struct MonitorConfig {
 }
 
 const DEFAULT_SPOOL_MAX: u64 = 256 << 20;
+const DEFAULT_BEACON_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(300);
 
 /// `[prestage]`: how a relay with parents follows their manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,6 +242,15 @@ struct RawConfig {
     prestage: Option<RawPrestage>,
     health: Option<RawHealth>,
     monitor: Option<RawMonitor>,
+    beacon: Option<RawBeacon>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBeacon {
+    interval: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    max_skew: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -315,6 +362,21 @@ impl Config {
             },
             Some(raw) => ctx.monitor(raw)?,
         };
+        let beacon = match raw.beacon {
+            None => BeaconConfig {
+                interval: DEFAULT_BEACON_INTERVAL,
+                key_file: None,
+                max_skew: DEFAULT_MAX_SKEW,
+            },
+            Some(raw) => BeaconConfig {
+                interval: ctx.duration("beacon.interval", raw.interval, DEFAULT_BEACON_INTERVAL)?,
+                key_file: raw.key_file.and_then(|f| {
+                    let f = f.into_inner();
+                    (!f.trim().is_empty()).then(|| base_dir.join(f.trim()))
+                }),
+                max_skew: ctx.duration("beacon.max_skew", raw.max_skew, DEFAULT_MAX_SKEW)?,
+            },
+        };
         let admin = AdminConfig {
             token_file: raw.admin.and_then(|a| a.token_file).and_then(|file| {
                 let file = file.into_inner();
@@ -330,6 +392,7 @@ impl Config {
             prestage,
             health_interval,
             monitor,
+            beacon,
         })
     }
 

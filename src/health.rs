@@ -27,8 +27,8 @@ pub struct Readiness {
     pub upstream: Vec<UpstreamState>,
 }
 
-/// One parent or the origin, as `/readyz` shows it.
-#[derive(Debug, Serialize)]
+/// One parent or the origin, as `/readyz` and beacons show it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct UpstreamState {
     pub url: String,
     /// Seconds since it last answered; `null` if never.

@@ -13,7 +13,8 @@
 //! - [`upstream`]: parents, origin, failover order and the HTTP client.
 //! - [`config`]: the TOML config and its validation.  [`stats`]: counters.
 //! - [`scrub`]: re-hashing the cache in the background.  [`health`]: /healthz, /readyz.
-//! - [`metrics`]: /metrics for Prometheus.  [`reports`]: agent reports, spooled and forwarded.
+//! - [`metrics`]: /metrics for Prometheus.  [`beacon`]: signed health beacons.
+//! - [`reports`]: agent reports, spooled and forwarded.
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod beacon;
 pub mod body;
 pub mod bundle;
 pub mod cache;

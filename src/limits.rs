@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 use tracing::info;
 
 use crate::body::{ResponseBody, READ_CHUNK};
+use crate::bundle::BundleId;
 use crate::config::{Caps, LimitsConfig};
 use crate::stats::Stats;
 use crate::units::format_rate;
@@ -420,6 +421,7 @@ impl Limits {
         body: ResponseBody,
         client: IpAddr,
         permit: Option<DownloadPermit>,
+        bundle: Option<(BundleId, u64)>,
     ) -> ResponseBody {
         let state = Throttled {
             limits: self.clone(),
@@ -427,6 +429,9 @@ impl Limits {
             frames: BodyStream::new(body),
             rest: Bytes::new(),
             _permit: permit,
+            bundle: bundle.map(|(id, _)| id),
+            remaining: bundle.map_or(0, |(_, len)| len),
+            finished: false,
         };
         let pieces = stream::unfold(state, |mut state| async move {
             let piece = state.next_piece().await?;
@@ -444,13 +449,33 @@ struct Throttled {
     /// Bytes of the current frame not yet sent.
     rest: Bytes,
     _permit: Option<DownloadPermit>,
+    /// The bundle downloaded, counted as completed or failed when the body is dropped.
+    bundle: Option<BundleId>,
+    /// Body bytes still to send; the download completed when it reaches zero (hyper stops
+    /// polling a body once Content-Length bytes are out).
+    remaining: u64,
+    finished: bool,
+}
+
+impl Drop for Throttled {
+    fn drop(&mut self) {
+        if let Some(bundle) = self.bundle {
+            self.limits
+                .stats
+                .download_ended(self.client, bundle, self.finished);
+        }
+    }
 }
 
 impl Throttled {
     async fn next_piece(&mut self) -> Option<std::io::Result<Bytes>> {
         use futures_util::StreamExt;
         while self.rest.is_empty() {
-            match self.frames.next().await? {
+            let Some(frame) = self.frames.next().await else {
+                self.finished = true;
+                return None;
+            };
+            match frame {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
                         self.rest = data;
@@ -462,6 +487,10 @@ impl Throttled {
         let len = self.rest.len().min(self.limits.piece_size());
         let piece = self.rest.split_to(len);
         self.limits.take_downstream(self.client, len).await;
+        self.remaining = self.remaining.saturating_sub(len as u64);
+        if self.remaining == 0 {
+            self.finished = true;
+        }
         self.limits
             .stats
             .bytes_out

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::beacon::BeaconSender;
 use crate::cache::{Cache, CacheBounds, CacheError};
 use crate::config::{Config, ConfigError};
 use crate::fill::Fills;
@@ -61,6 +62,8 @@ pub struct Relay {
     probe: Option<JoinHandle<()>>,
     /// Forwarding spooled agent reports up (when there is a monitor or a parent).
     reporter: Option<JoinHandle<()>>,
+    /// Writing this relay's beacons and forwarding the beacon outbox (with a key).
+    beacons: Vec<JoinHandle<()>>,
 }
 
 impl Relay {
@@ -77,6 +80,7 @@ impl Relay {
         clock: Arc<dyn WallClock>,
     ) -> Result<Self, StartError> {
         let admin_token = config.admin.read_token()?;
+        let beacon_key = config.beacon.read_key()?;
         let cache_dir = config.relay.cache_dir.clone();
         let bounds = CacheBounds {
             max: config.relay.cache_max,
@@ -146,6 +150,18 @@ impl Relay {
         );
         state.is_root = config.is_root();
         state.health_interval = config.health_interval;
+        state.beacon_key = beacon_key;
+        state.beacon_max_skew = config.beacon.max_skew;
+        if beacon_key.is_some() {
+            let outbox = config.relay.cache_dir.join("spool").join("beacons");
+            std::fs::create_dir_all(&outbox).map_err(|source| {
+                StartError::Cache(CacheError {
+                    path: outbox.clone(),
+                    source,
+                })
+            })?;
+            state.beacon_outbox = Some(outbox);
+        }
         let spool_dir = config.relay.cache_dir.join("spool").join("reports");
         let spool = Spool::open(&spool_dir, config.monitor.spool_max).map_err(|source| {
             StartError::Cache(CacheError {
@@ -195,13 +211,44 @@ impl Relay {
                 .map(|p| format!("{}/v1/reports", p.as_str()))
                 .collect(),
         };
+        let beacon_urls: Vec<String> = receivers
+            .iter()
+            .map(|u| u.replace("/v1/reports", "/v1/beacons"))
+            .collect();
         let reporter = (!receivers.is_empty()).then(|| {
             let target = Target {
                 urls: receivers,
                 relay_id: config.relay.id.clone(),
+                key: beacon_key,
+                what: "reports",
             };
-            tokio::spawn(reports::forward(spool, target))
+            tokio::spawn(reports::forward(spool.dir().to_path_buf(), target))
         });
+        let beacons = match beacon_key {
+            Some(key) => {
+                let outbox = config.relay.cache_dir.join("spool").join("beacons");
+                let sender =
+                    BeaconSender::new(config, addr, &state, key, &outbox).map_err(|source| {
+                        StartError::Cache(CacheError {
+                            path: outbox,
+                            source,
+                        })
+                    })?;
+                let mut tasks = vec![tokio::spawn(sender.run())];
+                if !beacon_urls.is_empty() {
+                    let target = Target {
+                        urls: beacon_urls,
+                        relay_id: config.relay.id.clone(),
+                        key: Some(key),
+                        what: "beacons",
+                    };
+                    let dir = config.relay.cache_dir.join("spool").join("beacons");
+                    tasks.push(tokio::spawn(reports::forward(dir, target)));
+                }
+                tasks
+            }
+            None => Vec::new(),
+        };
         let scrub = config.relay.scrub_rate.map(|rate| {
             let task = Scrub {
                 cache: state.cache.clone(),
@@ -224,6 +271,7 @@ impl Relay {
             scrub,
             probe,
             reporter,
+            beacons,
         })
     }
 
@@ -305,7 +353,7 @@ impl Relay {
         let _ = self.stop.send(true);
         self.schedule.abort();
         let tasks = [&self.prestage, &self.scrub, &self.probe, &self.reporter];
-        for task in tasks.into_iter().flatten() {
+        for task in tasks.into_iter().flatten().chain(&self.beacons) {
             task.abort();
         }
         if let Err(e) = self.server.await {
@@ -326,7 +374,7 @@ impl Relay {
         self.server.abort();
         self.schedule.abort();
         let tasks = [&self.prestage, &self.scrub, &self.probe, &self.reporter];
-        for task in tasks.into_iter().flatten() {
+        for task in tasks.into_iter().flatten().chain(&self.beacons) {
             task.abort();
         }
         self.state.fills.abort_all();

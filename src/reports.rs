@@ -20,9 +20,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::bundle::BundleId;
+
+/// Header carrying the BLAKE3 keyed hash (hex) of a body sent between relays.
+pub const SIGNATURE_HEADER: &str = "x-patchrelay-signature";
+
+/// The signature of `body` under `key`.
+pub fn sign(key: &[u8; 32], body: &[u8]) -> String {
+    blake3::keyed_hash(key, body).to_hex().to_string()
+}
+
+/// Whether `signature` (hex) is `body`'s under `key`; compared in constant time.
+pub fn verify(key: &[u8; 32], body: &[u8], signature: &str) -> bool {
+    blake3::Hash::from_hex(signature.trim()).is_ok_and(|h| h == blake3::keyed_hash(key, body))
+}
 
 /// Largest `POST /v1/reports` body.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -149,24 +162,9 @@ impl Spool {
             );
             return Err(ReportError::SpoolFull);
         }
-        self.write_batch(&bytes)?;
+        write_file(&self.dir, &bytes)?;
         self.remember(&fresh);
         Ok(fresh.len())
-    }
-
-    fn write_batch(&self, bytes: &[u8]) -> io::Result<()> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{nanos:024}-{seq:08}-{}", std::process::id());
-        let temp = self.dir.join(format!("{name}.tmp"));
-        fs::write(&temp, bytes)?;
-        fs::File::open(&temp)?.sync_all()?;
-        fs::rename(&temp, self.dir.join(format!("{name}.json")))?;
-        fs::File::open(&self.dir)?.sync_all()
     }
 
     fn remember(&self, reports: &[Report]) {
@@ -185,12 +183,12 @@ impl Spool {
 
     /// Spooled batch files, oldest first.
     pub fn batches(&self) -> io::Result<Vec<PathBuf>> {
-        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .collect();
-        files.sort();
-        Ok(files)
+        list_files(&self.dir)
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Reports waiting in the spool.
@@ -213,34 +211,62 @@ impl Spool {
     }
 }
 
-/// Sends spooled batches up until the task is dropped.
-pub async fn forward(spool: std::sync::Arc<Spool>, target: Target) {
+/// Durably writes `bytes` as the newest file of an outbox directory (write, fsync,
+/// rename, fsync the directory), so a crash leaves the file whole or absent.
+pub fn write_file(dir: &Path, bytes: &[u8]) -> io::Result<()> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{nanos:024}-{seq:08}-{}", std::process::id());
+    let temp = dir.join(format!("{name}.tmp"));
+    fs::write(&temp, bytes)?;
+    fs::File::open(&temp)?.sync_all()?;
+    fs::rename(&temp, dir.join(format!("{name}.json")))?;
+    fs::File::open(dir)?.sync_all()
+}
+
+/// The files of an outbox directory, oldest first.
+pub fn list_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Sends the files of outbox `dir` up, oldest first, until the task is dropped. A file
+/// is removed only after a receiver answered 2xx.
+pub async fn forward(dir: PathBuf, target: Target) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let batches = {
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.batches()).await
+        let listed = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || list_files(&dir)).await
         };
-        let batches = match batches {
-            Ok(Ok(batches)) => batches,
+        let files = match listed {
+            Ok(Ok(files)) => files,
             Ok(Err(e)) => {
-                warn!(error = %e, "cannot read the report spool");
+                warn!(error = %e, outbox = target.what, "cannot read an outbox");
                 Vec::new()
             }
             Err(_) => Vec::new(),
         };
-        if batches.is_empty() {
+        let Some(oldest) = files.first() else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
-        }
-        match send_batch(&target, &batches[0]).await {
+        };
+        match send_file(&target, oldest).await {
             Ok(()) => {
-                let _ = fs::remove_file(&batches[0]);
+                let _ = fs::remove_file(oldest);
                 backoff = Duration::from_millis(200);
             }
             Err(e) => {
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                    "cannot forward reports; keeping them spooled");
+                warn!(error = %e, outbox = target.what, retry_in_ms = backoff.as_millis() as u64,
+                    "cannot forward; keeping it spooled");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -248,28 +274,37 @@ pub async fn forward(spool: std::sync::Arc<Spool>, target: Target) {
     }
 }
 
-/// Where reports go: the monitor, or the parents in order.
+/// Where an outbox goes: the monitor, or the parents in order.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// Full URLs to POST to, tried in order.
     pub urls: Vec<String>,
     pub relay_id: String,
+    /// Signs each body (`X-Patchrelay-Signature`) when set.
+    pub key: Option<[u8; 32]>,
+    /// "reports" or "beacons", for logs.
+    pub what: &'static str,
 }
 
-async fn send_batch(target: &Target, batch: &Path) -> Result<(), String> {
+async fn send_file(target: &Target, batch: &Path) -> Result<(), String> {
     let body = fs::read(batch).map_err(|e| format!("{}: {e}", batch.display()))?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let mut last = String::from("no receiver configured");
     for url in &target.urls {
-        let request = http::Request::post(url)
+        let mut request = http::Request::post(url)
             .header("content-type", "application/json")
-            .header(crate::server::RELAY_HEADER, &target.relay_id)
+            .header(crate::server::RELAY_HEADER, &target.relay_id);
+        if let Some(key) = &target.key {
+            request = request.header(SIGNATURE_HEADER, sign(key, &body));
+        }
+        let request = request
             .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
             .map_err(|e| e.to_string())?;
         let answer = tokio::time::timeout(Duration::from_secs(15), client.request(request)).await;
         match answer {
             Ok(Ok(response)) if response.status().is_success() => {
-                info!(receiver = %url, batch = %batch.display(), "reports forwarded");
+                tracing::debug!(receiver = %url, outbox = target.what, "forwarded");
                 return Ok(());
             }
             Ok(Ok(response)) => last = format!("{url}: answered {}", response.status()),

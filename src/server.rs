@@ -70,6 +70,14 @@ pub struct AppState {
     pub health_interval: Duration,
     /// Agent reports waiting to go up; `None` until the relay sets it.
     pub reports: Option<Arc<Spool>>,
+    /// The beacon key; `None` = beacons off.
+    pub beacon_key: Option<[u8; 32]>,
+    /// Largest accepted difference between a beacon's timestamp and now.
+    pub beacon_max_skew: Duration,
+    /// Where received beacons wait for the next hop up.
+    pub beacon_outbox: Option<std::path::PathBuf>,
+    /// Highest beacon sequence seen per relay, to refuse replays.
+    pub beacon_seqs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl AppState {
@@ -96,6 +104,10 @@ impl AppState {
             upstream,
             health_interval: Duration::from_secs(30),
             reports: None,
+            beacon_key: None,
+            beacon_outbox: None,
+            beacon_max_skew: Duration::from_secs(300),
+            beacon_seqs: Default::default(),
         }
     }
 }
@@ -129,6 +141,10 @@ pub enum ApiError {
     BadRequest(String),
     #[error("the report spool is full; retry later")]
     SpoolFull,
+    #[error("beacons must carry an X-Patchrelay-Signature")]
+    Unsigned,
+    #[error("bad beacon signature")]
+    BadSignature,
     #[error("bundle {id} is not cached here")]
     NotCached { id: BundleId },
     #[error("internal error: {0}")]
@@ -159,8 +175,8 @@ impl ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             Self::AdminOff | Self::NotCached { .. } => StatusCode::NOT_FOUND,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Unauthorized | Self::Unsigned => StatusCode::UNAUTHORIZED,
+            Self::Forbidden | Self::BadSignature => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Self::Limited(_) | Self::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
@@ -260,6 +276,9 @@ async fn route(
     if path == "/v1/manifest" {
         return manifest_response(state, request.method()).await;
     }
+    if path == "/v1/beacons" {
+        return crate::beacon::receive(state, request).await;
+    }
     if path == "/v1/reports" {
         return accept_reports(state, request).await;
     }
@@ -300,7 +319,13 @@ async fn route(
     // A download holds its slot until its body ends; its bytes go out under the caps.
     let permit = state.limits.start_download(client)?;
     let response = serve_bundle(state, request.headers(), id, head).await?;
-    Ok(response.map(|body| state.limits.throttle(body, client, Some(permit))))
+    let length = response
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let bundle = Some((id, length));
+    Ok(response.map(|body| state.limits.throttle(body, client, Some(permit), bundle)))
 }
 
 /// `POST /v1/reports`: validates the whole batch, spools it durably, then answers 202.

@@ -41,6 +41,16 @@ pub struct Stats {
     pub last_integrity_failure: AtomicU64,
     /// Responses by HTTP status code.
     pub statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
+    /// Agents and downloads since the last beacon.
+    pub activity: std::sync::Mutex<Activity>,
+}
+
+/// Who downloaded what since the last beacon.
+#[derive(Debug, Default)]
+pub struct Activity {
+    pub agents: std::collections::HashSet<std::net::IpAddr>,
+    /// (completed, failed) downloads by bundle.
+    pub downloads: std::collections::BTreeMap<crate::bundle::BundleId, (u64, u64)>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -66,6 +76,28 @@ impl Stats {
     /// Adds one to `counter`.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Notes a download by `agent` of `bundle` that ended, `completed` or cut short.
+    pub fn download_ended(
+        &self,
+        agent: std::net::IpAddr,
+        bundle: crate::bundle::BundleId,
+        completed: bool,
+    ) {
+        let mut activity = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        activity.agents.insert(agent);
+        let entry = activity.downloads.entry(bundle).or_insert((0, 0));
+        if completed {
+            entry.0 += 1;
+        } else {
+            entry.1 += 1;
+        }
+    }
+
+    /// The activity since the last call, reset.
+    pub fn take_activity(&self) -> Activity {
+        std::mem::take(&mut *self.activity.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Counts a response with `status`.

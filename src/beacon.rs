@@ -1,0 +1,292 @@
+//! Health beacons: every `[beacon] interval` a relay writes a signed JSON beacon (who it
+//! is, how it is, what it did since the last one) to its beacon outbox, which is forwarded
+//! up like reports: to `[monitor] url`, or to the parents, which check and forward it.
+//!
+//! A beacon is signed with a BLAKE3 keyed hash of its body under the 32-byte key from
+//! `[beacon] key_file`, sent in `X-Patchrelay-Signature`. A receiver refuses a beacon
+//! without a signature (401), with a wrong one (403), with a sequence number not above the
+//! last it saw from that relay (409), or with a timestamp further than `max_skew` from its
+//! own clock (400). Sequence numbers are kept on disk, so they keep growing across
+//! restarts. The outbox keeps at most [`MAX_OUTBOX`] beacons: when a receiver is away for
+//! long, the oldest beacons go first.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::admin;
+use crate::body::ResponseBody;
+use crate::config::Config;
+use crate::health::{self, UpstreamState};
+use crate::reports::{self, SIGNATURE_HEADER};
+use crate::server::{ApiError, AppState};
+
+/// Most beacons waiting in an outbox.
+pub const MAX_OUTBOX: usize = 1000;
+const MAX_BODY: usize = 1024 * 1024;
+
+/// One beacon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Beacon {
+    pub relay: String,
+    pub site: String,
+    /// The URL this relay is reached at (for the monitor's own health checks).
+    pub url: String,
+    pub version: String,
+    pub seq: u64,
+    pub sent_at: DateTime<Utc>,
+    pub uptime_seconds: u64,
+    pub parents: Vec<String>,
+    /// The first parent currently answering, if any.
+    pub parent_in_use: Option<String>,
+    pub cache_bytes: u64,
+    pub cache_bundles: u64,
+    pub upstream: Vec<UpstreamState>,
+    pub ready: bool,
+    pub failed: Vec<String>,
+    pub degraded: Vec<String>,
+    pub since_last: Counters,
+}
+
+/// What happened since the previous beacon.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Responses by status class ("2xx", "4xx", ...).
+    pub requests: BTreeMap<String, u64>,
+    pub bytes_out: u64,
+    /// Distinct agent addresses that started a download.
+    pub agents: u64,
+    /// Downloads by bundle id.
+    pub downloads: BTreeMap<String, Downloads>,
+    pub integrity_failures: u64,
+}
+
+/// Downloads of one bundle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downloads {
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// Writes this relay's beacons.
+#[derive(Debug)]
+pub struct BeaconSender {
+    state: Arc<AppState>,
+    site: String,
+    url: String,
+    parents: Vec<String>,
+    interval: Duration,
+    outbox: PathBuf,
+    started: Instant,
+    /// Totals at the previous beacon, to send differences.
+    last: (BTreeMap<u16, u64>, u64, u64),
+}
+
+impl BeaconSender {
+    pub fn new(
+        config: &Config,
+        addr: SocketAddr,
+        state: &Arc<AppState>,
+        _key: [u8; 32],
+        outbox: &Path,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(outbox)?;
+        Ok(Self {
+            state: state.clone(),
+            site: config.relay.site.clone(),
+            url: format!("http://{addr}"),
+            parents: config
+                .upstream
+                .parents
+                .iter()
+                .map(|p| p.as_str().to_string())
+                .collect(),
+            interval: config.beacon.interval,
+            outbox: outbox.to_path_buf(),
+            started: Instant::now(),
+            last: Default::default(),
+        })
+    }
+
+    /// Writes a beacon every interval until the task is dropped.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let beacon = self.build().await;
+            let outbox = self.outbox.clone();
+            let written = tokio::task::spawn_blocking(move || store(&outbox, &beacon)).await;
+            if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+                warn!(error = %e, "cannot write a beacon");
+            }
+        }
+    }
+
+    async fn build(&mut self) -> Beacon {
+        let stats = &self.state.stats;
+        let readiness = health::readiness(&self.state).await;
+        let statuses = stats
+            .statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let bytes_out = stats.bytes_out.load(Ordering::Relaxed);
+        let integrity = stats.integrity_failures.load(Ordering::Relaxed);
+
+        let mut requests = BTreeMap::new();
+        for (code, total) in &statuses {
+            let before = self.last.0.get(code).copied().unwrap_or(0);
+            *requests.entry(format!("{}xx", code / 100)).or_insert(0) += total - before;
+        }
+        let activity = stats.take_activity();
+        let downloads = activity
+            .downloads
+            .into_iter()
+            .map(|(id, (completed, failed))| (id.to_string(), Downloads { completed, failed }))
+            .collect();
+        let since_last = Counters {
+            requests,
+            bytes_out: bytes_out - self.last.1,
+            agents: activity.agents.len() as u64,
+            downloads,
+            integrity_failures: integrity - self.last.2,
+        };
+        self.last = (statuses, bytes_out, integrity);
+
+        let parent_in_use = readiness
+            .upstream
+            .iter()
+            .find(|u| u.consecutive_failures == 0 && u.last_success_seconds_ago.is_some())
+            .filter(|u| self.parents.contains(&u.url))
+            .map(|u| u.url.clone());
+        Beacon {
+            relay: self.state.relay_id.clone(),
+            site: self.site.clone(),
+            url: self.url.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            seq: 0,
+            sent_at: Utc::now(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            parents: self.parents.clone(),
+            parent_in_use,
+            cache_bytes: self.state.cache.used_bytes(),
+            cache_bundles: self.state.cache.bundle_count(),
+            upstream: readiness.upstream,
+            ready: readiness.ready,
+            failed: readiness.failed,
+            degraded: readiness.degraded,
+            since_last,
+        }
+    }
+}
+
+/// Gives `beacon` the next sequence number (kept in the outbox's `seq` file) and writes
+/// it to the outbox, dropping the oldest beacons beyond [`MAX_OUTBOX`].
+fn store(outbox: &Path, beacon: &Beacon) -> std::io::Result<()> {
+    let seq_file = outbox.join("seq");
+    let last: u64 = std::fs::read_to_string(&seq_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let beacon = Beacon {
+        seq: last + 1,
+        ..beacon.clone()
+    };
+    let temp = outbox.join("seq.tmp");
+    std::fs::write(&temp, (last + 1).to_string())?;
+    std::fs::File::open(&temp)?.sync_all()?;
+    std::fs::rename(&temp, &seq_file)?;
+
+    let body = serde_json::to_vec(&beacon).map_err(std::io::Error::other)?;
+    push_bounded(outbox, &body)
+}
+
+/// Adds a beacon body to an outbox, dropping the oldest beyond [`MAX_OUTBOX`].
+fn push_bounded(outbox: &Path, body: &[u8]) -> std::io::Result<()> {
+    reports::write_file(outbox, body)?;
+    let files = reports::list_files(outbox)?;
+    if files.len() > MAX_OUTBOX {
+        let dropped = files.len() - MAX_OUTBOX;
+        for old in &files[..dropped] {
+            let _ = std::fs::remove_file(old);
+        }
+        warn!(dropped, "beacon outbox full; dropped the oldest beacons");
+    }
+    Ok(())
+}
+
+/// `POST /v1/beacons`: checks a child's beacon and queues it for the next hop up.
+pub async fn receive(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    if request.method() != Method::POST {
+        return Err(ApiError::Method {
+            method: request.method().clone(),
+        });
+    }
+    let Some(key) = state.beacon_key else {
+        return Err(ApiError::NoRoute {
+            path: "/v1/beacons (beacons are off)".into(),
+        });
+    };
+    let signature = request
+        .headers()
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or(ApiError::Unsigned)?;
+    let body = Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("beacon body: {e}")))?
+        .to_bytes();
+    if !reports::verify(&key, &body, &signature) {
+        return Err(ApiError::BadSignature);
+    }
+
+    let beacon: Beacon =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("beacon: {e}")))?;
+    let skew = (Utc::now() - beacon.sent_at).abs();
+    if skew.to_std().unwrap_or(Duration::MAX) > state.beacon_max_skew {
+        let why = format!(
+            "beacon timestamp is {}s away from this relay's clock",
+            skew.num_seconds()
+        );
+        return Err(ApiError::BadRequest(why));
+    }
+    {
+        let mut seqs = state.beacon_seqs.lock().unwrap_or_else(|e| e.into_inner());
+        let last = seqs.entry(beacon.relay.clone()).or_insert(0);
+        if beacon.seq <= *last {
+            let why = format!(
+                "beacon {} from {} is replayed or old (last {})",
+                beacon.seq, beacon.relay, *last
+            );
+            return Err(ApiError::Conflict(why));
+        }
+        *last = beacon.seq;
+    }
+
+    if let Some(outbox) = state.beacon_outbox.clone() {
+        let body = body.to_vec();
+        tokio::task::spawn_blocking(move || push_bounded(&outbox, &body))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("beacon outbox: {e}")))?;
+    }
+    let mut response = admin::json(&serde_json::json!({ "accepted": beacon.seq }))?;
+    *response.status_mut() = StatusCode::ACCEPTED;
+    Ok(response)
+}

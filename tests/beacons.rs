@@ -1,0 +1,210 @@
+//! Signed health beacons: sent up, checked by the receiving relay.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use patchrelay::relay::Relay;
+use patchrelay::reports::sign;
+use support::*;
+use tokio::net::TcpListener;
+
+const KEY: [u8; 32] = [7u8; 32];
+
+fn write_key(dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("beacon.key"),
+        blake3::Hash::from(KEY).to_hex().as_str(),
+    )
+    .unwrap();
+}
+
+/// Every (signature, body) POSTed to a capture server.
+type Captured = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Captures every (signature, body) POSTed to it.
+async fn capture() -> (SocketAddr, Captured) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Captured = Arc::default();
+    let store = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let store = store.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let store = store.clone();
+                async move {
+                    let signature = req
+                        .headers()
+                        .get("x-patchrelay-signature")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                    store.lock().unwrap().push((signature, body));
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+                }
+            });
+            tokio::spawn(async move {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beacons_arrive_signed_with_growing_sequence_and_activity() {
+    let dir = tempfile::tempdir().unwrap();
+    write_key(dir.path());
+    let (monitor, seen) = capture().await;
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(20_000, 110);
+    let id = origin.add(&data);
+    let extra = format!(
+        "[beacon]\ninterval = \"200ms\"\nkey_file = \"beacon.key\"\n\
+         [monitor]\nurl = \"http://{monitor}\"\n"
+    );
+    let config = relay_config_with(
+        "edge",
+        dir.path(),
+        &[],
+        Some(&origin.origin_template()),
+        &extra,
+    );
+    let relay = Relay::start(&config).await.unwrap();
+    let got = TestClient::default()
+        .get(&bundle_url(&url_of(&relay), &id))
+        .await;
+    assert_eq!(got.bytes(), &data[..]);
+
+    let find = || {
+        let seen = seen.lock().unwrap();
+        seen.iter().find_map(|(sig, body)| {
+            let beacon: serde_json::Value = serde_json::from_slice(body).ok()?;
+            let downloads = &beacon["since_last"]["downloads"][id.to_string()];
+            (downloads["completed"] == 1).then(|| (sig.clone(), body.clone(), beacon))
+        })
+    };
+    within(20, async {
+        while find().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (signature, body, beacon) = find().unwrap();
+    assert_eq!(signature, sign(&KEY, &body), "signed with the shared key");
+    assert_eq!(beacon["relay"], "edge");
+    assert_eq!(beacon["site"], "test");
+    assert_eq!(beacon["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(beacon["since_last"]["agents"], 1);
+    assert!(beacon["since_last"]["requests"]["2xx"].as_u64().unwrap() >= 1);
+    assert_eq!(beacon["ready"], true);
+
+    let seqs: Vec<u64> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| {
+            serde_json::from_slice::<serde_json::Value>(b).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequence grows: {seqs:?}"
+    );
+    relay.shutdown().await;
+}
+
+async fn post_beacon(relay: &Relay, body: &[u8], signature: Option<&str>) -> u16 {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut request = Request::post(format!("{}/v1/beacons", url_of(relay)));
+    if let Some(signature) = signature {
+        request = request.header("x-patchrelay-signature", signature);
+    }
+    let request = request.body(Full::new(Bytes::from(body.to_vec()))).unwrap();
+    client.request(request).await.unwrap().status().as_u16()
+}
+
+fn beacon(seq: u64, sent_at: chrono::DateTime<Utc>) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "relay": "child", "site": "lyon", "url": "http://127.0.0.1:1", "version": "0.1.0",
+        "seq": seq, "sent_at": sent_at, "uptime_seconds": 5, "parents": [],
+        "parent_in_use": null, "cache_bytes": 0, "cache_bundles": 0, "upstream": [],
+        "ready": true, "failed": [], "degraded": [],
+        "since_last": {"requests": {}, "bytes_out": 0, "agents": 0, "downloads": {},
+                       "integrity_failures": 0}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_relay_refuses_unsigned_tampered_replayed_and_skewed_beacons() {
+    let dir = tempfile::tempdir().unwrap();
+    write_key(dir.path());
+    let extra = "[beacon]\nkey_file = \"beacon.key\"\nmax_skew = \"1m\"\n";
+    let relay = Relay::start(&relay_config_with("parent", dir.path(), &[], None, extra))
+        .await
+        .unwrap();
+
+    let good = beacon(5, Utc::now());
+    assert_eq!(post_beacon(&relay, &good, None).await, 401, "unsigned");
+    let mut tampered = good.clone();
+    let at = tampered.len() / 2;
+    tampered[at] ^= 1;
+    assert_eq!(
+        post_beacon(&relay, &tampered, Some(&sign(&KEY, &good))).await,
+        403,
+        "tampered"
+    );
+    assert_eq!(
+        post_beacon(&relay, &good, Some(&sign(&[1u8; 32], &good))).await,
+        403,
+        "wrong key"
+    );
+
+    assert_eq!(
+        post_beacon(&relay, &good, Some(&sign(&KEY, &good))).await,
+        202
+    );
+    assert_eq!(
+        post_beacon(&relay, &good, Some(&sign(&KEY, &good))).await,
+        409,
+        "replayed"
+    );
+    let older = beacon(4, Utc::now());
+    assert_eq!(
+        post_beacon(&relay, &older, Some(&sign(&KEY, &older))).await,
+        409,
+        "old sequence"
+    );
+    let skewed = beacon(6, Utc::now() - chrono::Duration::minutes(10));
+    assert_eq!(
+        post_beacon(&relay, &skewed, Some(&sign(&KEY, &skewed))).await,
+        400,
+        "clock skew"
+    );
+    let next = beacon(6, Utc::now());
+    assert_eq!(
+        post_beacon(&relay, &next, Some(&sign(&KEY, &next))).await,
+        202
+    );
+    relay.shutdown().await;
+}
