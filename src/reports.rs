@@ -260,10 +260,11 @@ pub async fn forward(dir: PathBuf, target: Target) {
             continue;
         };
         match send_file(&target, oldest).await {
-            Ok(()) => {
+            Ok(Sent::Delivered) => {
                 let _ = fs::remove_file(oldest);
                 backoff = Duration::from_millis(200);
             }
+            Ok(Sent::Refused(why)) => set_aside(oldest, &why, target.what),
             Err(e) => {
                 warn!(error = %e, outbox = target.what, retry_in_ms = backoff.as_millis() as u64,
                     "cannot forward; keeping it spooled");
@@ -286,11 +287,20 @@ pub struct Target {
     pub what: &'static str,
 }
 
-async fn send_file(target: &Target, batch: &Path) -> Result<(), String> {
+/// What became of one outbox file.
+enum Sent {
+    /// A receiver took it (2xx), or already had it (409: a beacon seen before).
+    Delivered,
+    /// Every receiver refused its content (4xx): retrying cannot help.
+    Refused(String),
+}
+
+async fn send_file(target: &Target, batch: &Path) -> Result<Sent, String> {
     let body = fs::read(batch).map_err(|e| format!("{}: {e}", batch.display()))?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let mut last = String::from("no receiver configured");
+    let mut refused = None;
     for url in &target.urls {
         let mut request = http::Request::post(url)
             .header("content-type", "application/json")
@@ -303,16 +313,43 @@ async fn send_file(target: &Target, batch: &Path) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let answer = tokio::time::timeout(Duration::from_secs(15), client.request(request)).await;
         match answer {
-            Ok(Ok(response)) if response.status().is_success() => {
+            Ok(Ok(response))
+                if response.status().is_success() || response.status().as_u16() == 409 =>
+            {
                 tracing::debug!(receiver = %url, outbox = target.what, "forwarded");
-                return Ok(());
+                return Ok(Sent::Delivered);
             }
-            Ok(Ok(response)) => last = format!("{url}: answered {}", response.status()),
+            Ok(Ok(response)) => {
+                let status = response.status();
+                last = format!("{url}: answered {status}");
+                let retryable = [401, 403, 408, 429].contains(&status.as_u16());
+                if status.is_client_error() && !retryable {
+                    refused = Some(last.clone());
+                }
+            }
             Ok(Err(e)) => last = format!("{url}: {e}"),
             Err(_) => last = format!("{url}: no answer"),
         }
     }
-    Err(last)
+    match refused {
+        Some(why) => Ok(Sent::Refused(why)),
+        None => Err(last),
+    }
+}
+
+/// Moves a file every receiver refused into `rejected/` beside it: kept for an operator,
+/// never dropped silently, and no longer blocking the files behind it.
+fn set_aside(file: &Path, why: &str, what: &str) {
+    let Some(dir) = file.parent() else { return };
+    let rejected = dir.join("rejected");
+    let moved = fs::create_dir_all(&rejected)
+        .and_then(|()| fs::rename(file, rejected.join(file.file_name().unwrap_or_default())));
+    match moved {
+        Ok(()) => error!(outbox = what, file = %file.display(), error = %why,
+            "receiver refused this batch; set aside in rejected/"),
+        Err(e) => error!(outbox = what, file = %file.display(), error = %e,
+            "receiver refused this batch and it cannot be set aside"),
+    }
 }
 
 #[cfg(test)]

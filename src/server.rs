@@ -141,9 +141,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("the report spool is full; retry later")]
     SpoolFull,
-    #[error("beacons must carry an X-Patchrelay-Signature")]
+    #[error("this must carry an X-Patchrelay-Signature")]
     Unsigned,
-    #[error("bad beacon signature")]
+    #[error("bad signature")]
     BadSignature,
     #[error("bundle {id} is not cached here")]
     NotCached { id: BundleId },
@@ -341,11 +341,26 @@ async fn accept_reports(
     let Some(spool) = state.reports.clone() else {
         return Err(ApiError::Internal("no report spool".into()));
     };
+    // Agents post unsigned. A relay forwarding its children's reports signs them with the
+    // tree's key; with a key here, such a batch must carry a valid signature.
+    let signature = request
+        .headers()
+        .get(reports::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let from_relay = request.headers().contains_key(RELAY_HEADER);
     let body = http_body_util::Limited::new(request.into_body(), reports::MAX_BODY)
         .collect()
         .await
         .map_err(|e| ApiError::BadRequest(format!("reports body: {e}")))?
         .to_bytes();
+    if let Some(key) = &state.beacon_key {
+        match &signature {
+            Some(sig) if !reports::verify(key, &body, sig) => return Err(ApiError::BadSignature),
+            None if from_relay => return Err(ApiError::Unsigned),
+            _ => {}
+        }
+    }
     let batch = reports::parse_batch(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let received = batch.len();
     let accepted = tokio::task::spawn_blocking(move || spool.append(batch))

@@ -208,3 +208,46 @@ async fn a_relay_refuses_unsigned_tampered_replayed_and_skewed_beacons() {
     );
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn reports_from_a_relay_must_be_signed_when_the_tree_has_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write_key(dir.path());
+    let extra = "[beacon]\nkey_file = \"beacon.key\"\n";
+    let relay = Relay::start(&relay_config_with("parent", dir.path(), &[], None, extra))
+        .await
+        .unwrap();
+    let batch = serde_json::to_vec(&serde_json::json!([{
+        "report_id": "r1", "agent": "pc-1", "deployment": "d",
+        "bundle": patchrelay::bundle::BundleId::of(b"kb").to_string(),
+        "outcome": "failed", "detail": "disk full", "at": "2026-12-08T07:00:00Z"
+    }]))
+    .unwrap();
+    let send = |headers: Vec<(&'static str, String)>| {
+        let (url, batch) = (format!("{}/v1/reports", url_of(&relay)), batch.clone());
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let mut request = Request::post(url);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            let request = request.body(Full::new(Bytes::from(batch))).unwrap();
+            client.request(request).await.unwrap().status().as_u16()
+        }
+    };
+
+    assert_eq!(send(vec![]).await, 202, "agents post unsigned");
+    let relay_header = ("x-patchrelay-relay", "child".to_string());
+    assert_eq!(
+        send(vec![relay_header.clone()]).await,
+        401,
+        "a relay must sign"
+    );
+    let forged = ("x-patchrelay-signature", sign(&[2u8; 32], &batch));
+    assert_eq!(send(vec![relay_header.clone(), forged]).await, 403);
+    let signed = ("x-patchrelay-signature", sign(&KEY, &batch));
+    assert_eq!(send(vec![relay_header, signed]).await, 202);
+    relay.shutdown().await;
+}

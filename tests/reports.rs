@@ -102,13 +102,22 @@ async fn post(relay_addr: SocketAddr, batch: &[serde_json::Value]) -> (u16, serd
 async fn a_thousand_reports_reach_the_monitor_across_relay_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
-    let monitor = format!("[monitor]\nurl = \"http://{}\"\n", receiver.addr);
+    // The tree shares a key, so reports are signed and checked on every relay-to-relay hop.
+    std::fs::write(dir.path().join("tree.key"), "ab".repeat(32)).unwrap();
+    let key = "[beacon]\nkey_file = \"tree.key\"\ninterval = \"1h\"\n";
+    let monitor = format!("{key}[monitor]\nurl = \"http://{}\"\n", receiver.addr);
     let root_config = relay_config_with("root", dir.path(), &[], None, &monitor);
     let root = Relay::start(&root_config).await.unwrap();
-    let mid_config = relay_config("mid", dir.path(), &[url_of(&root)], None);
+    let mid_config = relay_config_with("mid", dir.path(), &[url_of(&root)], None, key);
     let mut mid = Some(Relay::start(&mid_config).await.unwrap());
     let mid_addr = mid.as_ref().unwrap().local_addr();
-    let leaf_config = relay_config("leaf", dir.path(), &[format!("http://{mid_addr}")], None);
+    let leaf_config = relay_config_with(
+        "leaf",
+        dir.path(),
+        &[format!("http://{mid_addr}")],
+        None,
+        key,
+    );
     let mut leaf = Relay::start(&leaf_config).await.unwrap();
 
     let ids: Vec<String> = (0..1000).map(|i| format!("r{i:04}")).collect();
@@ -187,5 +196,58 @@ async fn a_batch_with_one_bad_report_is_refused_whole() {
         !receiver.distinct().contains("b1"),
         "nothing of a refused batch is kept"
     );
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_batch_the_receiver_refuses_is_set_aside_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    // A receiver that refuses every batch's content with 400.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refusing = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                let answer = Response::builder()
+                    .status(StatusCode::BAD_REQUEST)
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap();
+                Ok::<_, Infallible>(answer)
+            });
+            tokio::spawn(async move {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let monitor = format!("[monitor]\nurl = \"http://{refusing}\"\n");
+    let relay = Relay::start(&relay_config_with("edge", dir.path(), &[], None, &monitor))
+        .await
+        .unwrap();
+
+    for id in ["x1", "x2"] {
+        assert_eq!(post(relay.local_addr(), &[report(id)]).await.0, 202);
+    }
+    let rejected = dir.path().join("edge-cache/spool/reports/rejected");
+    eventually("both batches are set aside", || {
+        std::fs::read_dir(&rejected).map(|d| d.count()).unwrap_or(0) == 2
+    })
+    .await;
+    let spool = dir.path().join("edge-cache/spool/reports");
+    let waiting = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "json")
+        })
+        .count();
+    assert_eq!(waiting, 0);
     relay.shutdown().await;
 }
