@@ -104,7 +104,11 @@ impl BeaconSender {
         Ok(Self {
             state: state.clone(),
             site: config.relay.site.clone(),
-            url: format!("http://{addr}"),
+            url: config
+                .relay
+                .advertise_url
+                .as_ref()
+                .map_or_else(|| format!("http://{addr}"), |u| u.as_str().to_string()),
             parents: config
                 .upstream
                 .parents

@@ -156,6 +156,9 @@ pub struct RelayConfig {
     pub scrub_rate: Option<u64>,
     /// Pause between two scrub passes over the cache. Default 6 h.
     pub scrub_interval: Duration,
+    /// The URL others reach this relay at, sent in beacons (the monitor health-checks
+    /// it). Default `http://<listen>`.
+    pub advertise_url: Option<BaseUrl>,
 }
 
 /// `[upstream]`: where this relay fetches what it lacks.
@@ -289,6 +292,7 @@ struct RawRelay {
     listen: Spanned<String>,
     cache_dir: Spanned<String>,
     cache_max: Option<Spanned<String>>,
+    advertise_url: Option<Spanned<String>>,
     scrub_rate: Option<Spanned<String>>,
     scrub_interval: Option<Spanned<String>>,
     #[serde(default)]
@@ -482,6 +486,12 @@ impl Ctx<'_> {
             raw.scrub_interval.clone(),
             DEFAULT_SCRUB_INTERVAL,
         )?;
+        let advertise_url = match &raw.advertise_url {
+            Some(url) if !url.get_ref().trim().is_empty() => {
+                Some(self.base_url("relay.advertise_url", url)?)
+            }
+            _ => None,
+        };
         Ok(RelayConfig {
             id,
             site,
@@ -492,6 +502,7 @@ impl Ctx<'_> {
             pins,
             scrub_rate,
             scrub_interval,
+            advertise_url,
         })
     }
 
@@ -798,6 +809,23 @@ stall_timeout = "1m"
         assert!(err.starts_with("relay.toml:7: relay.pins:"), "{err}");
         let err = error_text(&GOOD.replace("shutdown_grace = \"10s\"", "cache_max = \"big\""));
         assert!(err.starts_with("relay.toml:7: relay.cache_max:"), "{err}");
+    }
+
+    #[test]
+    fn advertise_url() {
+        assert_eq!(parse(GOOD).expect("valid").relay.advertise_url, None);
+        let text = GOOD.replace(
+            "shutdown_grace = \"10s\"",
+            "advertise_url = \"http://relay-7.lyon.example:7420/\"",
+        );
+        let config = parse(&text).expect("valid");
+        let url = config.relay.advertise_url.expect("set");
+        assert_eq!(url.as_str(), "http://relay-7.lyon.example:7420");
+        let err = error_text(&GOOD.replace("shutdown_grace = \"10s\"", "advertise_url = \"x\""));
+        assert!(
+            err.starts_with("relay.toml:7: relay.advertise_url:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -172,6 +172,13 @@ fn snapshot(state: &AppState) -> Snapshot {
         ],
     );
 
+    if let Some(spool) = &state.reports {
+        s.counter(
+            "patchrelay_reports_refused",
+            "Report batches refused with 503 because the spool was full.",
+            spool.refused_full.load(Ordering::Relaxed) as f64,
+        );
+    }
     s.gauge(
         "patchrelay_fills_running",
         "Fills running now.",

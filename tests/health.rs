@@ -209,5 +209,6 @@ async fn metrics_parse_and_count_what_happens() {
     assert!(sample(&after, r#"patchrelay_requests_total{status="200"}"#) >= 3.0);
     assert_eq!(sample(&after, "patchrelay_cache_bytes"), 10_000.0);
     assert_eq!(sample(&after, "patchrelay_cache_bundles"), 1.0);
+    assert_eq!(sample(&after, "patchrelay_reports_refused_total"), 0.0);
     relay.shutdown().await;
 }
