@@ -29,7 +29,7 @@ use crate::body::ResponseBody;
 use crate::config::Config;
 use crate::health::{self, UpstreamState};
 use crate::reports::{self, SIGNATURE_HEADER};
-use crate::server::{ApiError, AppState};
+use crate::server::{require_method, ApiError, AppState};
 
 /// Most beacons waiting in an outbox.
 pub const MAX_OUTBOX: usize = 1000;
@@ -235,11 +235,7 @@ pub async fn receive(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    if request.method() != Method::POST {
-        return Err(ApiError::Method {
-            method: request.method().clone(),
-        });
-    }
+    require_method(request.method(), Method::POST)?;
     let Some(key) = state.beacon_key else {
         return Err(ApiError::NoRoute {
             path: "/v1/beacons (beacons are off)".into(),

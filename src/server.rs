@@ -242,6 +242,17 @@ impl ApiError {
     }
 }
 
+/// Refuses any method but `allowed` with 405.
+pub fn require_method(method: &Method, allowed: Method) -> Result<(), ApiError> {
+    if *method == allowed {
+        Ok(())
+    } else {
+        Err(ApiError::Method {
+            method: method.clone(),
+        })
+    }
+}
+
 /// Handles one request from `client`; never fails, since errors become responses here.
 pub async fn handle(
     state: Arc<AppState>,
@@ -286,11 +297,7 @@ async fn route(
         return metrics::response(state);
     }
     if path == "/healthz" || path == "/readyz" {
-        if request.method() != Method::GET {
-            return Err(ApiError::Method {
-                method: request.method().clone(),
-            });
-        }
+        require_method(request.method(), Method::GET)?;
         return match path {
             "/healthz" => health::live(state),
             _ => health::ready(state).await,
@@ -333,11 +340,7 @@ async fn accept_reports(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    if request.method() != Method::POST {
-        return Err(ApiError::Method {
-            method: request.method().clone(),
-        });
-    }
+    require_method(request.method(), Method::POST)?;
     let Some(spool) = state.reports.clone() else {
         return Err(ApiError::Internal("no report spool".into()));
     };
@@ -385,11 +388,7 @@ async fn manifest_response(
     state: &AppState,
     method: &Method,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    if method != Method::GET {
-        return Err(ApiError::Method {
-            method: method.clone(),
-        });
-    }
+    require_method(method, Method::GET)?;
     let root = state.cache.root().to_path_buf();
     let manifest = tokio::task::spawn_blocking(move || crate::manifest::load(&root))
         .await

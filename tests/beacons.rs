@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,8 +11,6 @@ use chrono::Utc;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
 use patchrelay::relay::Relay;
 use patchrelay::reports::sign;
 use support::*;
@@ -38,30 +35,17 @@ async fn capture() -> (SocketAddr, Captured) {
     let addr = listener.local_addr().unwrap();
     let seen: Captured = Arc::default();
     let store = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let store = store.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let store = store.clone();
-                async move {
-                    let signature = req
-                        .headers()
-                        .get("x-patchrelay-signature")
-                        .map(|v| v.to_str().unwrap().to_string())
-                        .unwrap_or_default();
-                    let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                    store.lock().unwrap().push((signature, body));
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
-                }
-            });
-            tokio::spawn(async move {
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    spawn_server(listener, move |req: Request<Incoming>| {
+        let store = store.clone();
+        async move {
+            let signature = req
+                .headers()
+                .get("x-patchrelay-signature")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+            store.lock().unwrap().push((signature, body));
+            Response::new(Full::new(Bytes::from_static(b"{}")))
         }
     });
     (addr, seen)

@@ -3,7 +3,6 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,8 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
 use patchrelay::bundle::BundleId;
 use patchrelay::relay::Relay;
 use support::*;
@@ -32,35 +29,21 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let counts = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let counts = counts.clone();
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let counts = counts.clone();
-                    async move {
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                        let reports: Vec<serde_json::Value> =
-                            serde_json::from_slice(&body.unwrap_or_default()).unwrap_or_default();
-                        let mut counts = counts.lock().unwrap();
-                        for r in reports {
-                            let id = r["report_id"].as_str().unwrap_or_default().to_string();
-                            *counts.entry(id).or_insert(0) += 1;
-                        }
-                        let answer = Response::builder()
-                            .status(StatusCode::ACCEPTED)
-                            .body(Full::new(Bytes::from_static(b"{}")))
-                            .unwrap();
-                        Ok::<_, Infallible>(answer)
-                    }
-                });
-                tokio::spawn(async move {
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+        let task = spawn_server(listener, move |req: Request<Incoming>| {
+            let counts = counts.clone();
+            async move {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                let reports: Vec<serde_json::Value> =
+                    serde_json::from_slice(&body.unwrap_or_default()).unwrap_or_default();
+                let mut counts = counts.lock().unwrap();
+                for r in reports {
+                    let id = r["report_id"].as_str().unwrap_or_default().to_string();
+                    *counts.entry(id).or_insert(0) += 1;
+                }
+                Response::builder()
+                    .status(StatusCode::ACCEPTED)
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap()
             }
         });
         Self { addr, seen, task }
@@ -205,24 +188,11 @@ async fn a_batch_the_receiver_refuses_is_set_aside_not_dropped() {
     // A receiver that refuses every batch's content with 400.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let refusing = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                let answer = Response::builder()
-                    .status(StatusCode::BAD_REQUEST)
-                    .body(Full::new(Bytes::from_static(b"{}")))
-                    .unwrap();
-                Ok::<_, Infallible>(answer)
-            });
-            tokio::spawn(async move {
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    let _server = spawn_server(listener, |_req: Request<Incoming>| async {
+        Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
     });
     let monitor = format!("[monitor]\nurl = \"http://{refusing}\"\n");
     let relay = Relay::start(&relay_config_with("edge", dir.path(), &[], None, &monitor))
