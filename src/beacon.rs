@@ -199,18 +199,24 @@ impl BeaconSender {
 /// it to the outbox, dropping the oldest beacons beyond [`MAX_OUTBOX`].
 fn store(outbox: &Path, beacon: &Beacon) -> std::io::Result<()> {
     let seq_file = outbox.join("seq");
-    let last: u64 = std::fs::read_to_string(&seq_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let last: u64 = match std::fs::read_to_string(&seq_file) {
+        Ok(text) => text.trim().parse().unwrap_or(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    // Never below the clock in milliseconds: if the seq file is lost (a wiped cache dir),
+    // numbering still continues above what receivers have seen.
+    let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
+    let seq = last.saturating_add(1).max(now_ms);
     let beacon = Beacon {
-        seq: last + 1,
+        seq,
         ..beacon.clone()
     };
     let temp = outbox.join("seq.tmp");
-    std::fs::write(&temp, (last + 1).to_string())?;
+    std::fs::write(&temp, seq.to_string())?;
     std::fs::File::open(&temp)?.sync_all()?;
     std::fs::rename(&temp, &seq_file)?;
+    std::fs::File::open(outbox)?.sync_all()?;
 
     let body = serde_json::to_vec(&beacon).map_err(std::io::Error::other)?;
     push_bounded(outbox, &body)
@@ -226,6 +232,32 @@ fn push_bounded(outbox: &Path, body: &[u8]) -> std::io::Result<()> {
             let _ = std::fs::remove_file(old);
         }
         warn!(dropped, "beacon outbox full; dropped the oldest beacons");
+    }
+    Ok(())
+}
+
+/// Most relays whose last sequence a receiver remembers.
+const MAX_RELAYS: usize = 100_000;
+
+/// Refuses a sequence not above the last one seen from the same relay; with `record`,
+/// remembers it.
+fn check_sequence(state: &AppState, beacon: &Beacon, record: bool) -> Result<(), ApiError> {
+    let mut seqs = state.beacon_seqs.lock().unwrap_or_else(|e| e.into_inner());
+    if !seqs.contains_key(&beacon.relay) && seqs.len() >= MAX_RELAYS {
+        return Err(ApiError::Conflict(
+            "too many relays known to this receiver".into(),
+        ));
+    }
+    let last = seqs.get(&beacon.relay).copied().unwrap_or(0);
+    if beacon.seq <= last {
+        let why = format!(
+            "beacon {} from {} is replayed or old (last {last})",
+            beacon.seq, beacon.relay
+        );
+        return Err(ApiError::Conflict(why));
+    }
+    if record {
+        seqs.insert(beacon.relay.clone(), beacon.seq);
     }
     Ok(())
 }
@@ -266,18 +298,13 @@ pub async fn receive(
         );
         return Err(ApiError::BadRequest(why));
     }
-    {
-        let mut seqs = state.beacon_seqs.lock().unwrap_or_else(|e| e.into_inner());
-        let last = seqs.entry(beacon.relay.clone()).or_insert(0);
-        if beacon.seq <= *last {
-            let why = format!(
-                "beacon {} from {} is replayed or old (last {})",
-                beacon.seq, beacon.relay, *last
-            );
-            return Err(ApiError::Conflict(why));
-        }
-        *last = beacon.seq;
+    let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if beacon.relay.is_empty() || beacon.relay.len() > 64 || !beacon.relay.chars().all(name_ok) {
+        return Err(ApiError::BadRequest(
+            "beacon: `relay` is not a relay id".into(),
+        ));
     }
+    check_sequence(state, &beacon, false)?;
 
     if let Some(outbox) = state.beacon_outbox.clone() {
         let body = body.to_vec();
@@ -286,6 +313,9 @@ pub async fn receive(
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| ApiError::Internal(format!("beacon outbox: {e}")))?;
     }
+    // Recorded only once stored: a sender whose beacon could not be stored retries, and
+    // must not then be told (409) that it was delivered.
+    check_sequence(state, &beacon, true)?;
     let mut response = admin::json(&serde_json::json!({ "accepted": beacon.seq }))?;
     *response.status_mut() = StatusCode::ACCEPTED;
     Ok(response)

@@ -215,6 +215,9 @@ impl Relay {
             .iter()
             .map(|u| u.replace("/v1/reports", "/v1/beacons"))
             .collect();
+        if receivers.is_empty() {
+            warn!("no [monitor] url and no parents: agent reports and beacons stay spooled here");
+        }
         let reporter = (!receivers.is_empty()).then(|| {
             let target = Target {
                 urls: receivers,

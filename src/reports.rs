@@ -41,6 +41,9 @@ pub fn verify(key: &[u8; 32], body: &[u8], signature: &str) -> bool {
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Most reports in one batch.
 pub const MAX_BATCH: usize = 10_000;
+/// Reports per spool file (and so per forwarded request): 500 reports of at most ~5 KiB
+/// each stay well under [`MAX_BODY`].
+const SPOOL_CHUNK: usize = 500;
 /// Report ids remembered to drop duplicates before spooling.
 const RECENT_IDS: usize = 200_000;
 
@@ -153,8 +156,14 @@ impl Spool {
         if fresh.is_empty() {
             return Ok(0);
         }
-        let bytes = serde_json::to_vec(&fresh).map_err(io::Error::other)?;
-        if self.used_bytes()? + bytes.len() as u64 > self.max_bytes {
+        // Spool files of at most SPOOL_CHUNK reports (each at most ~5 KiB), so a forwarded
+        // file always fits a receiver's body limit whatever the agents' batch size.
+        let mut files = Vec::new();
+        for chunk in fresh.chunks(SPOOL_CHUNK) {
+            files.push(serde_json::to_vec(chunk).map_err(io::Error::other)?);
+        }
+        let bytes: u64 = files.iter().map(|f| f.len() as u64).sum();
+        if self.used_bytes()? + bytes > self.max_bytes {
             self.refused_full.fetch_add(1, Ordering::Relaxed);
             error!(
                 reports = fresh.len(),
@@ -162,7 +171,9 @@ impl Spool {
             );
             return Err(ReportError::SpoolFull);
         }
-        write_file(&self.dir, &bytes)?;
+        for file in &files {
+            write_file(&self.dir, file)?;
+        }
         self.remember(&fresh);
         Ok(fresh.len())
     }
@@ -260,11 +271,22 @@ pub async fn forward(dir: PathBuf, target: Target) {
             continue;
         };
         match send_file(&target, oldest).await {
-            Ok(Sent::Delivered) => {
-                let _ = fs::remove_file(oldest);
-                backoff = Duration::from_millis(200);
+            Ok(Sent::Delivered) => match fs::remove_file(oldest) {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    // It would be sent again (receivers dedupe); do not spin on it.
+                    error!(outbox = target.what, file = %oldest.display(), error = %e,
+                        "delivered but cannot remove it from the outbox");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            },
+            Ok(Sent::Refused(why)) => {
+                if !set_aside(oldest, &why, target.what) {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
             }
-            Ok(Sent::Refused(why)) => set_aside(oldest, &why, target.what),
             Err(e) => {
                 warn!(error = %e, outbox = target.what, retry_in_ms = backoff.as_millis() as u64,
                     "cannot forward; keeping it spooled");
@@ -296,11 +318,22 @@ enum Sent {
 }
 
 async fn send_file(target: &Target, batch: &Path) -> Result<Sent, String> {
-    let body = fs::read(batch).map_err(|e| format!("{}: {e}", batch.display()))?;
+    let body = match fs::read(batch) {
+        Ok(body) => body,
+        // An unreadable file would block the queue forever: set it aside.
+        Err(e) => {
+            return Ok(Sent::Refused(format!(
+                "{}: cannot read: {e}",
+                batch.display()
+            )))
+        }
+    };
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let mut last = String::from("no receiver configured");
-    let mut refused = None;
+    // Set aside only when every receiver refused the content; one that was merely away
+    // may take it later.
+    let mut refused_by_all = !target.urls.is_empty();
     for url in &target.urls {
         let mut request = http::Request::post(url)
             .header("content-type", "application/json")
@@ -323,32 +356,51 @@ async fn send_file(target: &Target, batch: &Path) -> Result<Sent, String> {
                 let status = response.status();
                 last = format!("{url}: answered {status}");
                 let retryable = [401, 403, 408, 429].contains(&status.as_u16());
-                if status.is_client_error() && !retryable {
-                    refused = Some(last.clone());
-                }
+                refused_by_all &= status.is_client_error() && !retryable;
             }
-            Ok(Err(e)) => last = format!("{url}: {e}"),
-            Err(_) => last = format!("{url}: no answer"),
+            Ok(Err(e)) => {
+                last = format!("{url}: {e}");
+                refused_by_all = false;
+            }
+            Err(_) => {
+                last = format!("{url}: no answer");
+                refused_by_all = false;
+            }
         }
     }
-    match refused {
-        Some(why) => Ok(Sent::Refused(why)),
-        None => Err(last),
+    if refused_by_all {
+        Ok(Sent::Refused(last))
+    } else {
+        Err(last)
     }
 }
 
-/// Moves a file every receiver refused into `rejected/` beside it: kept for an operator,
-/// never dropped silently, and no longer blocking the files behind it.
-fn set_aside(file: &Path, why: &str, what: &str) {
-    let Some(dir) = file.parent() else { return };
+/// Takes a file every receiver refused off the queue, so it no longer blocks the files
+/// behind it. Reports go to `rejected/` beside it (kept for an operator, never dropped
+/// silently); beacons, which are expendable and go stale, are deleted. Returns whether
+/// the file is off the queue.
+fn set_aside(file: &Path, why: &str, what: &str) -> bool {
+    let Some(dir) = file.parent() else {
+        return false;
+    };
+    if what == "beacons" {
+        warn!(file = %file.display(), error = %why, "receiver refused a beacon; dropped");
+        return fs::remove_file(file).is_ok();
+    }
     let rejected = dir.join("rejected");
     let moved = fs::create_dir_all(&rejected)
         .and_then(|()| fs::rename(file, rejected.join(file.file_name().unwrap_or_default())));
     match moved {
-        Ok(()) => error!(outbox = what, file = %file.display(), error = %why,
-            "receiver refused this batch; set aside in rejected/"),
-        Err(e) => error!(outbox = what, file = %file.display(), error = %e,
-            "receiver refused this batch and it cannot be set aside"),
+        Ok(()) => {
+            error!(outbox = what, file = %file.display(), error = %why,
+                "receiver refused this batch; set aside in rejected/");
+            true
+        }
+        Err(e) => {
+            error!(outbox = what, file = %file.display(), error = %e,
+                "receiver refused this batch and it cannot be set aside");
+            false
+        }
     }
 }
 

@@ -294,6 +294,7 @@ async fn route(
         return accept_reports(state, request).await;
     }
     if path == "/metrics" {
+        require_method(request.method(), Method::GET)?;
         return metrics::response(state);
     }
     if path == "/healthz" || path == "/readyz" {
