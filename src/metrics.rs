@@ -110,26 +110,31 @@ fn snapshot(state: &AppState) -> Snapshot {
             (vec![("result", "joined".into())], get(&stats.joined)),
         ],
     );
-    s.counter(
-        "patchrelay_fills_started",
-        "Upstream transfers started.",
-        get(&stats.fills_started),
-    );
-    s.counter(
-        "patchrelay_fills_completed",
-        "Fills verified.",
-        get(&stats.fills_completed),
-    );
-    s.counter(
-        "patchrelay_fills_failed",
-        "Fills that ended without the bundle.",
-        get(&stats.fills_failed),
-    );
-    s.counter(
-        "patchrelay_upstream_requests",
-        "Requests sent to parents and the origin.",
-        get(&stats.upstream_requests),
-    );
+    let plain = [
+        (
+            "patchrelay_fills_started",
+            "Upstream transfers started.",
+            &stats.fills_started,
+        ),
+        (
+            "patchrelay_fills_completed",
+            "Fills verified.",
+            &stats.fills_completed,
+        ),
+        (
+            "patchrelay_fills_failed",
+            "Fills that ended without the bundle.",
+            &stats.fills_failed,
+        ),
+        (
+            "patchrelay_upstream_requests",
+            "Requests sent to parents and the origin.",
+            &stats.upstream_requests,
+        ),
+    ];
+    for (name, help, counter) in plain {
+        s.counter(name, help, get(counter));
+    }
 
     let sources = state.upstream.health();
     s.counters(
