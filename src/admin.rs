@@ -287,7 +287,7 @@ pub fn replace_manifest(
     let version = manifest::load(cache.root())?.version + 1;
     let manifest = Manifest { version, bundles };
     manifest::save(cache.root(), &manifest)?;
-    cache.set_manifest_pins(manifest.bundles.iter().map(|b| b.id).collect());
+    cache.pin_manifest(&manifest);
     info!(
         manifest.version = version,
         bundles = manifest.bundles.len(),

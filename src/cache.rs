@@ -268,8 +268,10 @@ impl Cache {
                 // recency, so it does not fail the request.
                 let _ = file.set_modified(now);
                 let mut index = self.index();
-                // An eviction or purge may have removed it since the open: no ghost entry.
-                if self.object_path(id).is_file() {
+                // Known bundles just get the new time. An unknown one (published while the
+                // relay runs, or evicted or purged since the open) is added only if its file
+                // is still there, so no ghost entry appears; the stat stays off common hits.
+                if !index.touch_known(id, now) && self.object_path(id).is_file() {
                     index.touch(*id, len, now);
                 }
                 Ok(Some((file, len)))
@@ -473,14 +475,7 @@ impl Cache {
     /// Re-hashes cached bundle `id`: `Ok(None)` when not cached, else whether its content
     /// still hashes to its id.
     pub fn verify(&self, id: &BundleId) -> io::Result<Option<bool>> {
-        let mut file = match File::open(self.object_path(id)) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(&mut file)?;
-        Ok(Some(id.matches(&hasher.finalize())))
+        self.verify_paced(id, u64::MAX)
     }
 
     /// Re-hashes cached bundle `id` reading at most `rate` bytes per second: `Ok(None)`
@@ -582,8 +577,9 @@ impl Cache {
         &self.root
     }
 
-    /// Pins exactly the bundles of the current manifest (unpinning those that left it).
-    pub fn set_manifest_pins(&self, ids: HashSet<BundleId>) {
+    /// Pins exactly the bundles of `manifest` (unpinning those that left it).
+    pub fn pin_manifest(&self, manifest: &crate::manifest::Manifest) {
+        let ids = manifest.bundles.iter().map(|b| b.id).collect();
         *self.manifest_pins.lock().unwrap_or_else(|e| e.into_inner()) = ids;
     }
 

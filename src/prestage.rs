@@ -82,13 +82,12 @@ impl Prestage {
             return saved;
         }
 
-        let ids: HashSet<BundleId> = fetched.bundles.iter().map(|b| b.id).collect();
         let copy = fetched.clone();
         let write = tokio::task::spawn_blocking(move || manifest::save(&root, &copy)).await;
         if let Ok(Err(e)) | Err(e) = write.map_err(std::io::Error::other) {
             warn!(error = %e, "cannot save the manifest; following it in memory");
         }
-        self.cache.set_manifest_pins(ids);
+        self.cache.pin_manifest(&fetched);
         info!(
             manifest.version = fetched.version,
             bundles = fetched.bundles.len(),

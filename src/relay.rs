@@ -113,7 +113,7 @@ impl Relay {
             warn!(error = %e, "cannot read the saved manifest; starting without one");
             crate::manifest::Manifest::default()
         });
-        cache.set_manifest_pins(manifest.bundles.iter().map(|b| b.id).collect());
+        cache.pin_manifest(&manifest);
         let cache = Arc::new(cache);
         let stats = Arc::new(Stats::default());
         let upstream = Arc::new(Upstream::new(&config.upstream, &config.relay.id));

@@ -301,12 +301,8 @@ impl Upstream {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, FetchError> {
-        let request = Request::get(url)
-            .header(
-                USER_AGENT,
-                concat!("patchrelay/", env!("CARGO_PKG_VERSION")),
-            )
-            .header(RELAY_HEADER, &self.relay_id)
+        let request = self
+            .get(url)
             .body(Empty::new())
             .map_err(|e| FetchError::Protocol {
                 url: url.into(),
@@ -341,6 +337,16 @@ impl Upstream {
         })
     }
 
+    /// A GET to `url` that says who is asking.
+    fn get(&self, url: &str) -> http::request::Builder {
+        Request::get(url)
+            .header(
+                USER_AGENT,
+                concat!("patchrelay/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(RELAY_HEADER, &self.relay_id)
+    }
+
     /// Asks `source` for bundle `id` from byte `offset` on. `known_total` is the length an
     /// earlier source announced; a source that disagrees has failed.
     pub async fn open(
@@ -351,12 +357,7 @@ impl Upstream {
         known_total: Option<u64>,
     ) -> Result<Opened, FetchError> {
         let url = source.url_for(id);
-        let mut request = Request::get(&url)
-            .header(
-                USER_AGENT,
-                concat!("patchrelay/", env!("CARGO_PKG_VERSION")),
-            )
-            .header(RELAY_HEADER, &self.relay_id);
+        let mut request = self.get(&url);
         if offset > 0 {
             request = request.header(RANGE, format!("bytes={offset}-"));
         }

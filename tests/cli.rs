@@ -3,6 +3,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ struct ServeProcess {
 }
 
 impl ServeProcess {
-    fn start(config: &std::path::Path) -> Self {
+    fn start(config: &Path) -> Self {
         let mut child = KillOnDrop(
             Command::new(BIN)
                 .args(["serve", "-c"])
@@ -83,7 +84,7 @@ impl ServeProcess {
     }
 }
 
-fn write_config(dir: &std::path::Path, listen: &str) -> std::path::PathBuf {
+fn write_config(dir: &Path, listen: &str) -> PathBuf {
     let path = dir.join("relay.toml");
     let text = format!(
         r#"[relay]
@@ -101,6 +102,18 @@ parents = []
     path
 }
 
+/// Runs `patchrelay publish` with `flags`, the config and `files`.
+fn publish(config: &Path, flags: &[&str], files: &[PathBuf]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("publish")
+        .args(flags)
+        .arg("-c")
+        .arg(config)
+        .args(files)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn publish_prints_ids_and_pins_bundles() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,13 +122,8 @@ fn publish_prints_ids_and_pins_bundles() {
     std::fs::write(dir.path().join("a.msu"), &a).unwrap();
     std::fs::write(dir.path().join("b.msu"), &b).unwrap();
 
-    let out = Command::new(BIN)
-        .args(["publish", "-c"])
-        .arg(&config)
-        .arg(dir.path().join("a.msu"))
-        .arg(dir.path().join("b.msu"))
-        .output()
-        .unwrap();
+    let files = [dir.path().join("a.msu"), dir.path().join("b.msu")];
+    let out = publish(&config, &[], &files);
     assert!(
         out.status.success(),
         "{}",
@@ -146,12 +154,7 @@ fn publish_prints_ids_and_pins_bundles() {
 fn publish_of_a_missing_file_fails_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "127.0.0.1:0");
-    let out = Command::new(BIN)
-        .args(["publish", "-c"])
-        .arg(&config)
-        .arg("/no/such.msu")
-        .output()
-        .unwrap();
+    let out = publish(&config, &[], &[PathBuf::from("/no/such.msu")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such.msu"));
 }
@@ -187,7 +190,7 @@ fn config_errors_name_file_and_line_and_exit_2() {
 
 #[test]
 fn checked_in_example_config_is_valid() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml");
     let config = patchrelay::config::Config::load(&path).expect("relay.toml is valid");
     assert!(config.is_root());
     assert_eq!(config.relay.listen.to_string(), "127.0.0.1:7420");
@@ -199,12 +202,7 @@ async fn serve_answers_published_bundles_and_exits_0_on_sigterm() {
     let config = write_config(dir.path(), "127.0.0.1:0");
     let data = content(30_000, 43);
     std::fs::write(dir.path().join("p.msu"), &data).unwrap();
-    let published = Command::new(BIN)
-        .args(["publish", "-c"])
-        .arg(&config)
-        .arg(dir.path().join("p.msu"))
-        .output()
-        .unwrap();
+    let published = publish(&config, &[], &[dir.path().join("p.msu")]);
     assert!(published.status.success());
 
     let relay = ServeProcess::start(&config);
@@ -278,19 +276,9 @@ fn publish_with_manifest_sets_the_patch_cycle() {
     std::fs::write(dir.path().join("a.msu"), &a).unwrap();
     std::fs::write(dir.path().join("b.msu"), &b).unwrap();
 
-    let out = Command::new(BIN)
-        .args([
-            "publish",
-            "--manifest",
-            "--ready-by",
-            "2026-12-08T06:00:00Z",
-            "-c",
-        ])
-        .arg(&config)
-        .arg(dir.path().join("a.msu"))
-        .arg(dir.path().join("b.msu"))
-        .output()
-        .unwrap();
+    let flags = ["--manifest", "--ready-by", "2026-12-08T06:00:00Z"];
+    let files = [dir.path().join("a.msu"), dir.path().join("b.msu")];
+    let out = publish(&config, &flags, &files);
     assert!(
         out.status.success(),
         "{}",

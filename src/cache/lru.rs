@@ -43,6 +43,17 @@ impl Index {
         Some(old)
     }
 
+    /// Updates the last access of a bundle the index knows; `false` if it does not.
+    pub fn touch_known(&mut self, id: &BundleId, now: SystemTime) -> bool {
+        match self.entries.get_mut(id) {
+            Some(entry) => {
+                entry.last_access = now;
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn touch(&mut self, id: BundleId, size: u64, now: SystemTime) {
         self.insert(
             id,

@@ -61,7 +61,7 @@ fn offline_call(config: &Config, command: &CacheCommand) -> Result<Output, Strin
     let (cache, _) =
         Cache::open_for_serving(&config.relay.cache_dir, bounds).map_err(|e| e.to_string())?;
     let manifest = crate::manifest::load(&config.relay.cache_dir).map_err(|e| e.to_string())?;
-    cache.set_manifest_pins(manifest.bundles.iter().map(|b| b.id).collect());
+    cache.pin_manifest(&manifest);
     let done = |id: &BundleId, what: &str, value: bool| {
         Output::Done(serde_json::json!({ "id": id.to_string(), what: value }))
     };
