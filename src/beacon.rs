@@ -69,6 +69,9 @@ pub struct Counters {
     /// Downloads by bundle id.
     pub downloads: BTreeMap<String, Downloads>,
     pub integrity_failures: u64,
+    /// Integrity failures by bundle id (fills and scrub).
+    #[serde(default)]
+    pub integrity: BTreeMap<String, u64>,
 }
 
 /// Downloads of one bundle.
@@ -165,6 +168,11 @@ impl BeaconSender {
             agents: activity.agents.len() as u64,
             downloads,
             integrity_failures: integrity - self.last.2,
+            integrity: activity
+                .integrity
+                .into_iter()
+                .map(|(id, n)| (id.to_string(), n))
+                .collect(),
         };
         self.last = (statuses, bytes_out, integrity);
 
@@ -262,6 +270,42 @@ fn check_sequence(state: &AppState, beacon: &Beacon, record: bool) -> Result<(),
     Ok(())
 }
 
+/// Checks a received beacon body: its signature under `key` (401 without one, 403 when
+/// wrong), its JSON, its timestamp against this clock (400 beyond `max_skew`) and its
+/// relay id. The sequence check is the receiver's, since it keeps the last ones seen.
+pub fn decode(
+    key: &[u8; 32],
+    signature: Option<&str>,
+    body: &[u8],
+    max_skew: Duration,
+) -> Result<Beacon, ApiError> {
+    let signature = signature.ok_or(ApiError::Unsigned)?;
+    if !reports::verify(key, body, signature) {
+        return Err(ApiError::BadSignature);
+    }
+
+    let beacon: Beacon =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("beacon: {e}")))?;
+    let skew = (Utc::now() - beacon.sent_at).abs();
+    if skew.to_std().unwrap_or(Duration::MAX) > max_skew {
+        let why = format!(
+            "beacon timestamp is {}s away from this receiver's clock",
+            skew.num_seconds()
+        );
+        return Err(ApiError::BadRequest(why));
+    }
+    let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if beacon.relay.is_empty() || beacon.relay.len() > 64 || !beacon.relay.chars().all(name_ok) {
+        return Err(ApiError::BadRequest(
+            "beacon: `relay` is not a relay id".into(),
+        ));
+    }
+    Ok(beacon)
+}
+
+/// Largest beacon body a receiver reads.
+pub const MAX_BEACON_BODY: usize = MAX_BODY;
+
 /// `POST /v1/beacons`: checks a child's beacon and queues it for the next hop up.
 pub async fn receive(
     state: &AppState,
@@ -277,33 +321,13 @@ pub async fn receive(
         .headers()
         .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .ok_or(ApiError::Unsigned)?;
+        .map(str::to_string);
     let body = Limited::new(request.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| ApiError::BadRequest(format!("beacon body: {e}")))?
         .to_bytes();
-    if !reports::verify(&key, &body, &signature) {
-        return Err(ApiError::BadSignature);
-    }
-
-    let beacon: Beacon =
-        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("beacon: {e}")))?;
-    let skew = (Utc::now() - beacon.sent_at).abs();
-    if skew.to_std().unwrap_or(Duration::MAX) > state.beacon_max_skew {
-        let why = format!(
-            "beacon timestamp is {}s away from this relay's clock",
-            skew.num_seconds()
-        );
-        return Err(ApiError::BadRequest(why));
-    }
-    let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if beacon.relay.is_empty() || beacon.relay.len() > 64 || !beacon.relay.chars().all(name_ok) {
-        return Err(ApiError::BadRequest(
-            "beacon: `relay` is not a relay id".into(),
-        ));
-    }
+    let beacon = decode(&key, signature.as_deref(), &body, state.beacon_max_skew)?;
     check_sequence(state, &beacon, false)?;
 
     if let Some(outbox) = state.beacon_outbox.clone() {

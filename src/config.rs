@@ -406,14 +406,15 @@ impl Config {
     }
 }
 
-/// The text being parsed, to turn spans into line numbers.
-struct Ctx<'a> {
-    text: &'a str,
-    name: &'a str,
+/// The text being parsed, to turn spans into line numbers. Shared with the monitor's
+/// config loader.
+pub(crate) struct Ctx<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) name: &'a str,
 }
 
 impl Ctx<'_> {
-    fn line_of(&self, span: &Range<usize>) -> usize {
+    pub(crate) fn line_of(&self, span: &Range<usize>) -> usize {
         let end = span.start.min(self.text.len());
         self.text.as_bytes()[..end]
             .iter()
@@ -422,7 +423,7 @@ impl Ctx<'_> {
             + 1
     }
 
-    fn invalid<T>(&self, key: &str, value: &Spanned<T>, message: String) -> ConfigError {
+    pub(crate) fn invalid<T>(&self, key: &str, value: &Spanned<T>, message: String) -> ConfigError {
         ConfigError::Invalid {
             path: self.name.to_string(),
             line: self.line_of(&value.span()),
@@ -586,7 +587,11 @@ impl Ctx<'_> {
     }
 
     /// Ids and sites go into headers and file names: keep them to a safe alphabet.
-    fn name_value(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+    pub(crate) fn name_value(
+        &self,
+        key: &str,
+        value: &Spanned<String>,
+    ) -> Result<String, ConfigError> {
         let s = value.get_ref();
         let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
         if s.is_empty() || s.len() > 64 || !s.chars().all(ok_char) {
@@ -596,7 +601,7 @@ impl Ctx<'_> {
         Ok(s.clone())
     }
 
-    fn duration(
+    pub(crate) fn duration(
         &self,
         key: &str,
         value: Option<Spanned<String>>,
@@ -615,7 +620,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn base_url(&self, key: &str, value: &Spanned<String>) -> Result<BaseUrl, ConfigError> {
+    pub(crate) fn base_url(
+        &self,
+        key: &str,
+        value: &Spanned<String>,
+    ) -> Result<BaseUrl, ConfigError> {
         let text = value.get_ref().trim().trim_end_matches('/');
         check_http_url(text).map_err(|msg| self.invalid(key, value, msg))?;
         if text.contains(['?', '#']) {

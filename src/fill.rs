@@ -479,7 +479,7 @@ impl Fills {
             return Ok(());
         }
 
-        self.stats.integrity_failure();
+        self.stats.integrity_failure(id);
         for &source in &transfer.sources_used {
             self.upstream.penalize(source, &id);
         }

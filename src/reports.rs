@@ -59,6 +59,10 @@ pub struct Report {
     #[serde(default)]
     pub detail: String,
     pub at: DateTime<Utc>,
+    /// The relay that took the report from the agent: set by that relay, kept by the
+    /// ones above it. Tells the monitor which relay the agent uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
 }
 
 /// What happened.
@@ -106,6 +110,9 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Report>, ReportError> {
             return Err(ReportError::Invalid(format!(
                 "report {i}: field `bundle` must be a bundle id (64 lowercase hex characters)"
             )));
+        }
+        if let Some(relay) = &report.relay {
+            field("relay", relay, 64)?;
         }
         if report.detail.len() > 4096 {
             let msg = format!("report {i}: field `detail` must be at most 4096 characters");

@@ -63,7 +63,7 @@ impl Scrub {
     }
 
     async fn quarantine(&self, id: crate::bundle::BundleId) {
-        self.stats.integrity_failure();
+        self.stats.integrity_failure(id);
         let cache = self.cache.clone();
         match tokio::task::spawn_blocking(move || cache.quarantine(&id)).await {
             Ok(Ok(path)) => error!(bundle.id = %id, quarantine = %path.display(),

@@ -39,6 +39,7 @@ use crate::range::{self, ByteRange, RangeError};
 use crate::reports::{self, ReportError, Spool};
 use crate::stats::Stats;
 use crate::upstream::Upstream;
+use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
 
 /// Response header naming the relay that answered.
@@ -206,7 +207,7 @@ impl ApiError {
     }
 
     /// The error response: status, JSON body, and the headers the status calls for.
-    fn into_response(self, relay_id: &str) -> Response<ResponseBody> {
+    pub(crate) fn into_response(self, relay_id: &str) -> Response<ResponseBody> {
         let status = self.status();
         if status.is_server_error() {
             warn!(error = %self, http.status = status.as_u16(), "request failed");
@@ -365,7 +366,12 @@ async fn accept_reports(
             _ => {}
         }
     }
-    let batch = reports::parse_batch(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut batch = reports::parse_batch(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if !from_relay {
+        for report in &mut batch {
+            report.relay = Some(state.relay_id.clone());
+        }
+    }
     let received = batch.len();
     let accepted = tokio::task::spawn_blocking(move || spool.append(batch))
         .await
@@ -588,10 +594,29 @@ fn if_range_matches(headers: &HeaderMap, id: &BundleId) -> bool {
     }
 }
 
-/// Accepts connections until `shutdown` turns true, then drains them for up to `grace`.
+/// A request handler for [`accept_loop`]: the client's address and the request in, the
+/// response out (errors already turned into responses).
+pub type Handler = Arc<
+    dyn Fn(IpAddr, Request<Incoming>) -> BoxFuture<'static, Response<ResponseBody>> + Send + Sync,
+>;
+
+/// Serves the relay's routes on `listener` until `shutdown` turns true.
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let handler: Handler = Arc::new(move |client, request| {
+        Box::pin(handle(state.clone(), client, request)) as BoxFuture<'static, _>
+    });
+    accept_loop(listener, handler, shutdown, grace).await;
+}
+
+/// Accepts connections until `shutdown` turns true, then drains them for up to `grace`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    handler: Handler,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -616,7 +641,7 @@ pub async fn run(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = connection_service(state.clone(), peer.ip());
+                let service = connection_service(handler.clone(), peer.ip());
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .max_buf_size(CONNECTION_BUFFER)
@@ -646,7 +671,7 @@ pub async fn run(
 
 /// The service for one connection: the handler, told which client it serves.
 fn connection_service(
-    state: Arc<AppState>,
+    handler: Handler,
     client: IpAddr,
 ) -> TowerToHyperService<
     impl tower::Service<
@@ -658,8 +683,8 @@ fn connection_service(
         > + Clone,
 > {
     TowerToHyperService::new(tower::service_fn(move |request| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(state, client, request).await) }
+        let response = handler(client, request);
+        async move { Ok::<_, Infallible>(response.await) }
     }))
 }
 

@@ -51,6 +51,8 @@ pub struct Activity {
     pub agents: std::collections::HashSet<std::net::IpAddr>,
     /// (completed, failed) downloads by bundle.
     pub downloads: std::collections::BTreeMap<crate::bundle::BundleId, (u64, u64)>,
+    /// Integrity failures (fill or scrub) by bundle.
+    pub integrity: std::collections::BTreeMap<crate::bundle::BundleId, u64>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -106,9 +108,12 @@ impl Stats {
         *statuses.entry(status).or_insert(0) += 1;
     }
 
-    /// Counts an integrity failure and notes when it happened.
-    pub fn integrity_failure(&self) {
+    /// Counts an integrity failure of `bundle` and notes when it happened.
+    pub fn integrity_failure(&self, bundle: crate::bundle::BundleId) {
         Self::bump(&self.integrity_failures);
+        let mut activity = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        *activity.integrity.entry(bundle).or_insert(0) += 1;
+        drop(activity);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs());
