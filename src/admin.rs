@@ -110,7 +110,13 @@ pub async fn route(
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.admin_token else {
+    check_bearer(state.admin_token.as_deref(), headers)
+}
+
+/// Checks `Authorization: Bearer` against `token` (`None` = the admin API is off); the
+/// comparison takes the same time wherever the tokens differ.
+pub fn check_bearer(token: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = token else {
         return Err(ApiError::AdminOff);
     };
     let presented = headers

@@ -19,6 +19,8 @@
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
 //! - [`admin`]: the admin API.  [`cli`]: the command line.
+//! - [`monitor`]: the central monitor: beacons, reports, health checks, deployments,
+//!   failure attribution and the dashboard.
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,7 @@ pub mod health;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;
+pub mod monitor;
 pub mod prestage;
 pub mod publish;
 pub mod range;

@@ -124,8 +124,13 @@ pub enum ApiError {
     Unsatisfiable { len: u64 },
     #[error("no such path: {path}")]
     NoRoute { path: String },
-    #[error("method {method} is not allowed here; use GET or HEAD")]
-    Method { method: Method },
+    #[error("method {method} is not allowed here; use {allowed}")]
+    Method {
+        method: Method,
+        allowed: &'static str,
+    },
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Fill(#[from] FillError),
     #[error(transparent)]
@@ -175,7 +180,7 @@ impl ApiError {
             Self::Fill(FillError::Local { .. }) | Self::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            Self::AdminOff | Self::NotCached { .. } => StatusCode::NOT_FOUND,
+            Self::AdminOff | Self::NotCached { .. } | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized | Self::Unsigned => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::BadSignature => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -229,7 +234,9 @@ impl ApiError {
             Self::Unsatisfiable { len } => {
                 builder = builder.header(CONTENT_RANGE, format!("bytes */{len}"))
             }
-            Self::Method { .. } => builder = builder.header(ALLOW, "GET, HEAD"),
+            Self::Method { allowed, .. } => {
+                builder = builder.header(ALLOW, allowed.replace(" or ", ", "))
+            }
             Self::Unauthorized => builder = builder.header(WWW_AUTHENTICATE, "Bearer"),
             Self::SpoolFull => builder = builder.header(RETRY_AFTER, 30),
             Self::Limited(refusal) => {
@@ -250,6 +257,15 @@ pub fn require_method(method: &Method, allowed: Method) -> Result<(), ApiError> 
     } else {
         Err(ApiError::Method {
             method: method.clone(),
+            allowed: if allowed == Method::POST {
+                "POST"
+            } else if allowed == Method::PUT {
+                "PUT"
+            } else if allowed == Method::DELETE {
+                "DELETE"
+            } else {
+                "GET"
+            },
         })
     }
 }
@@ -316,6 +332,7 @@ async fn route(
         ref method => {
             return Err(ApiError::Method {
                 method: method.clone(),
+                allowed: "GET or HEAD",
             })
         }
     };
