@@ -1,4 +1,4 @@
-//! The command line: `patchrelay serve` and `patchrelay publish`.
+//! The command line: `patchrelay serve`, `publish`, `cache` and `monitor`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cache::Cache;
 
 mod cache;
+mod monitor;
 use crate::config::Config;
 use crate::publish::publish_file;
 use cache::CacheCommand;
@@ -63,6 +64,14 @@ pub enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Run the central monitor (the default), or create deployments and read reports.
+    Monitor {
+        /// The monitor's config file.
+        #[arg(short, long, default_value = "monitor.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: Option<monitor::MonitorCommand>,
+    },
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -87,6 +96,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(config) => cache::run(&config, command, offline, json),
             Err(code) => code,
         },
+        Command::Monitor { config, command } => monitor::run(&config, command),
     }
 }
 

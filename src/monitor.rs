@@ -517,7 +517,7 @@ pub struct DeploymentSummary {
     pub pending: usize,
     pub missing: usize,
     pub time_to: attribution::Milestones,
-    pub by_class: std::collections::BTreeMap<&'static str, usize>,
+    pub by_class: std::collections::BTreeMap<String, usize>,
 }
 
 impl From<DeploymentReport> for DeploymentSummary {

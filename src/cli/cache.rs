@@ -112,7 +112,7 @@ fn online_call(config: &Config, command: &CacheCommand) -> Result<Output, String
 }
 
 /// The address to reach a relay listening on `listen` from this machine.
-fn reachable(listen: SocketAddr) -> SocketAddr {
+pub(super) fn reachable(listen: SocketAddr) -> SocketAddr {
     match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, listen.port()).into(),
         IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, listen.port()).into(),

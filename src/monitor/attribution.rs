@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::AttributionConfig;
 #[cfg(test)]
@@ -31,7 +31,7 @@ use super::store::RelayState;
 use super::store::{Deployment, RelayRow, ReportRow, Served, StateChange};
 
 /// The class of a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailureClass {
     Relay,
@@ -54,7 +54,7 @@ impl FailureClass {
 }
 
 /// Where one target stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Installed,
@@ -66,7 +66,7 @@ pub enum Status {
 }
 
 /// The verdict on one failed or missing target.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub agent: String,
     pub site: String,
@@ -75,7 +75,7 @@ pub struct Verdict {
     pub detail: String,
     pub class: FailureClass,
     /// The rule that fired (see the module docs).
-    pub rule: &'static str,
+    pub rule: String,
     /// What the rule saw, in words.
     pub evidence: String,
     /// Relays the rule blames (relay fail only).
@@ -83,7 +83,7 @@ pub struct Verdict {
 }
 
 /// One site's progress.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SiteProgress {
     pub site: String,
     pub targets: usize,
@@ -92,13 +92,13 @@ pub struct SiteProgress {
     pub pending: usize,
     pub missing: usize,
     /// Failures and missing targets by class name.
-    pub by_class: BTreeMap<&'static str, usize>,
+    pub by_class: BTreeMap<String, usize>,
     /// Relays serving the site.
     pub relays: Vec<String>,
 }
 
 /// Time from a deployment's creation until a share of its targets had installed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Milestones {
     pub p75_seconds: Option<f64>,
     pub p90_seconds: Option<f64>,
@@ -106,7 +106,7 @@ pub struct Milestones {
 }
 
 /// Everything the monitor says about one deployment.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentReport {
     pub id: String,
     pub bundle: String,
@@ -124,14 +124,14 @@ pub struct DeploymentReport {
     pub curve: Vec<(f64, f64)>,
     pub sites: Vec<SiteProgress>,
     /// Failed and missing targets by class name.
-    pub by_class: BTreeMap<&'static str, usize>,
+    pub by_class: BTreeMap<String, usize>,
     pub verdicts: Vec<Verdict>,
     /// Relays blamed by relay-fail verdicts, with what they did in the window.
     pub implicated_relays: Vec<Implicated>,
 }
 
 /// A relay that relay-fail verdicts point at.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Implicated {
     pub relay: String,
     pub site: String,
@@ -307,7 +307,7 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
             status: outcome.status.clone(),
             detail: outcome.detail.clone(),
             class,
-            rule,
+            rule: rule.to_string(),
             evidence,
             relays,
         });
@@ -315,9 +315,14 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
 
     let mut by_class = BTreeMap::new();
     for verdict in &verdicts {
-        *by_class.entry(verdict.class.as_str()).or_insert(0) += 1;
+        *by_class
+            .entry(verdict.class.as_str().to_string())
+            .or_insert(0) += 1;
         if let Some(site) = sites.get_mut(verdict.site.as_str()) {
-            *site.by_class.entry(verdict.class.as_str()).or_insert(0) += 1;
+            *site
+                .by_class
+                .entry(verdict.class.as_str().to_string())
+                .or_insert(0) += 1;
         }
     }
     let implicated = implicated(snapshot, &verdicts);
@@ -690,7 +695,10 @@ mod tests {
         assert_eq!(report.missing, 10);
         for i in 0..10 {
             let v = verdict(&report, &format!("b{i}"));
-            assert_eq!((v.class, v.rule), (FailureClass::Relay, "relay-unhealthy"));
+            assert_eq!(
+                (v.class, v.rule.as_str()),
+                (FailureClass::Relay, "relay-unhealthy")
+            );
             assert_eq!(v.relays, vec!["rb".to_string()]);
             assert!(v.evidence.contains("rb: down from"), "{}", v.evidence);
         }
@@ -728,7 +736,10 @@ mod tests {
         );
         let report = w.evaluate();
         let v = verdict(&report, "b5");
-        assert_eq!((v.class, v.rule), (FailureClass::Agent, "agent-only"));
+        assert_eq!(
+            (v.class, v.rule.as_str()),
+            (FailureClass::Agent, "agent-only")
+        );
     }
 
     #[test]
@@ -837,7 +848,10 @@ mod tests {
         });
         let report = w.evaluate();
         let v = verdict(&report, "z1");
-        assert_eq!((v.class, v.rule), (FailureClass::Policy, "unknown-site"));
+        assert_eq!(
+            (v.class, v.rule.as_str()),
+            (FailureClass::Policy, "unknown-site")
+        );
     }
 
     #[test]

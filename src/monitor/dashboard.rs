@@ -352,7 +352,7 @@ fn deployment_section(page: &mut String, d: &DeploymentReport) {
                  </td><td>{}</td><td>{}</td></tr>",
                 escape(&v.agent),
                 escape(&v.site),
-                v.rule,
+                escape(&v.rule),
                 escape(&v.evidence),
                 c = v.class.as_str(),
             );
