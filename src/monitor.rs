@@ -71,6 +71,8 @@ pub struct MonitorState {
     beacon_key: Option<[u8; 32]>,
     admin_token: Option<String>,
     client: checks::HttpClient,
+    /// When this process started (Unix ms): beacons missed before it do not count.
+    started: i64,
 }
 
 /// A running monitor.
@@ -126,6 +128,7 @@ impl Monitor {
             store: store.clone(),
             beacon_key,
             admin_token,
+            started: now_ms(),
         });
         let (stop, stopped) = watch::channel(false);
         let handler_state = state.clone();
@@ -138,7 +141,7 @@ impl Monitor {
             stopped,
             Duration::from_secs(5),
         ));
-        let checks = tokio::spawn(checks::run(store, config));
+        let checks = tokio::spawn(checks::run(store, config, state.started));
         Ok(Self {
             addr,
             state,
@@ -344,7 +347,7 @@ async fn receive_beacon(
         let now = now_ms();
         s.store.record_beacon(&beacon, now)?;
         if let Some(row) = s.store.relays()?.iter().find(|r| r.id == beacon.relay) {
-            checks::evaluate_one(&s.store, &s.config, row, now);
+            checks::evaluate_one(&s.store, &s.config, row, now, s.started);
         }
         Ok(())
     })
@@ -467,7 +470,9 @@ async fn create_deployment(
     info!(deployment = %new.id, bundle.id = %new.bundle, targets, "deployment created");
 
     let state = state.clone();
-    tokio::spawn(async move { checks::round(&state.store, &state.config, &state.client).await });
+    tokio::spawn(async move {
+        checks::round(&state.store, &state.config, &state.client, state.started).await
+    });
 
     let mut response = admin::json(&serde_json::json!({
         "id": new.id,

@@ -27,16 +27,19 @@ pub fn client(timeout: Duration) -> HttpClient {
 
 /// A relay's state at `now` from what the monitor last heard, why, and since when (the
 /// time the cause began, as well as the monitor can tell). `None` before anything was
-/// heard from it.
+/// heard from it. Beacons are counted missing only from `started` (when this monitor
+/// process began listening): a monitor that was down itself must not call every relay
+/// down for the beacons it could not receive.
 pub fn derive_state(
     relay: &RelayRow,
     now: i64,
+    started: i64,
     config: &MonitorConfig,
 ) -> Option<(RelayState, String, i64)> {
     let interval = config.beacon.interval.as_millis() as i64;
     if let Some(last) = relay.last_beacon_at {
         let allowed = interval * i64::from(config.checks.missed_beacons);
-        if now - last > allowed {
+        if now - last.max(started) > allowed {
             let reason = format!(
                 "no beacon for {}s (last at {}; {} missed)",
                 (now - last) / 1000,
@@ -86,7 +89,7 @@ pub fn derive_state(
 }
 
 /// Re-evaluates every relay's state and records the changes.
-pub fn evaluate_all(store: &Store, config: &MonitorConfig, now: i64) {
+pub fn evaluate_all(store: &Store, config: &MonitorConfig, now: i64, started: i64) {
     let relays = match store.relays() {
         Ok(relays) => relays,
         Err(e) => {
@@ -95,13 +98,19 @@ pub fn evaluate_all(store: &Store, config: &MonitorConfig, now: i64) {
         }
     };
     for relay in &relays {
-        evaluate_one(store, config, relay, now);
+        evaluate_one(store, config, relay, now, started);
     }
 }
 
 /// Re-evaluates one relay's state and records a change.
-pub fn evaluate_one(store: &Store, config: &MonitorConfig, relay: &RelayRow, now: i64) {
-    let Some((state, reason, since)) = derive_state(relay, now, config) else {
+pub fn evaluate_one(
+    store: &Store,
+    config: &MonitorConfig,
+    relay: &RelayRow,
+    now: i64,
+    started: i64,
+) {
+    let Some((state, reason, since)) = derive_state(relay, now, started, config) else {
         return;
     };
     // The change is dated when its cause began, but never before the previous change.
@@ -186,7 +195,8 @@ pub async fn bundle_exists(
 }
 
 /// One round: check every relay, re-evaluate states, check bundles not known present.
-pub async fn round(store: &Arc<Store>, config: &MonitorConfig, client: &HttpClient) {
+/// `started` is when this monitor process started (see [`derive_state`]).
+pub async fn round(store: &Arc<Store>, config: &MonitorConfig, client: &HttpClient, started: i64) {
     let relays = {
         let store = store.clone();
         match tokio::task::spawn_blocking(move || store.relays()).await {
@@ -257,7 +267,7 @@ pub async fn round(store: &Arc<Store>, config: &MonitorConfig, client: &HttpClie
                 warn!(deployment = %id, error = %e, "cannot record a bundle check");
             }
         }
-        evaluate_all(&store, &config, now);
+        evaluate_all(&store, &config, now, started);
     })
     .await;
 }
@@ -290,13 +300,13 @@ pub fn bundle_verdict(answers: &[(String, Result<bool, String>)]) -> (&'static s
 }
 
 /// Runs [`round`] every `[checks] interval` until the task is dropped.
-pub async fn run(store: Arc<Store>, config: MonitorConfig) {
+pub async fn run(store: Arc<Store>, config: MonitorConfig, started: i64) {
     let client = client(config.checks.timeout);
     let mut tick = tokio::time::interval(config.checks.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        round(&store, &config, &client).await;
+        round(&store, &config, &client, started).await;
     }
 }
 
@@ -325,13 +335,13 @@ mod tests {
             ..RelayRow::default()
         };
         assert_eq!(
-            derive_state(&relay, now, &config).unwrap().0,
+            derive_state(&relay, now, 0, &config).unwrap().0,
             RelayState::Up
         );
 
         relay.beacon_degraded = vec!["upstream failing over".into()];
         assert_eq!(
-            derive_state(&relay, now, &config).unwrap().0,
+            derive_state(&relay, now, 0, &config).unwrap().0,
             RelayState::Degraded
         );
 
@@ -339,7 +349,7 @@ mod tests {
         relay.check_at = Some(now - 1_000);
         relay.check_answered = true;
         relay.check_failed = vec!["upstream: no parent answered".into()];
-        let (state, reason, _) = derive_state(&relay, now, &config).unwrap();
+        let (state, reason, _) = derive_state(&relay, now, 0, &config).unwrap();
         assert_eq!(state, RelayState::Unready);
         assert!(reason.contains("upstream: no parent answered"), "{reason}");
 
@@ -347,19 +357,26 @@ mod tests {
         relay.check_answered = false;
         relay.check_failures = 2;
         relay.check_error = Some("connection refused".into());
-        let (state, reason, _) = derive_state(&relay, now, &config).unwrap();
+        let (state, reason, _) = derive_state(&relay, now, 0, &config).unwrap();
         assert_eq!(state, RelayState::Down);
         assert!(reason.contains("connection refused"), "{reason}");
 
         // Three beacon intervals without a beacon: down, dated from the first missed one.
         relay.check_failures = 0;
         relay.last_beacon_at = Some(now - 31_000);
-        let (state, _, since) = derive_state(&relay, now, &config).unwrap();
+        let (state, _, since) = derive_state(&relay, now, 0, &config).unwrap();
         assert_eq!(state, RelayState::Down);
         assert_eq!(since, now - 21_000);
 
+        // Unless the monitor itself only just started: it could not hear them.
+        assert_eq!(
+            derive_state(&relay, now, now - 1_000, &config).unwrap().0,
+            RelayState::Degraded,
+            "as its last beacon said"
+        );
+
         // Nothing heard yet: no state.
-        assert_eq!(derive_state(&RelayRow::default(), now, &config), None);
+        assert_eq!(derive_state(&RelayRow::default(), now, 0, &config), None);
     }
 
     #[test]
