@@ -515,3 +515,131 @@ async fn beacons_and_reports_are_checked_like_a_relay_parent_does() {
     assert_eq!(relays[0]["site"], "paris");
     monitor.shutdown().await;
 }
+
+/// Where Debian's chromium is (`CHROMIUM` overrides).
+fn chromium() -> PathBuf {
+    let path =
+        std::env::var_os("CHROMIUM").map_or_else(|| "/usr/bin/chromium".into(), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} not found: install Debian's chromium (.ci/run does) or set CHROMIUM",
+        path.display()
+    );
+    path
+}
+
+/// Runs headless chromium on `url` with `args`; returns its stdout.
+fn headless(url: &str, profile: &Path, args: &[String]) -> String {
+    let output = std::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,1400",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium runs");
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Needs Debian's chromium, which `.ci/run` installs; run with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium (installed by .ci/run)"]
+async fn dashboard_renders_the_tree_and_progress_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secrets(dir.path());
+    let (_, config) = monitor_config(dir.path(), 0);
+    let monitor = Monitor::start(config).await.unwrap();
+    let base = format!("http://{}", monitor.addr());
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let bundle = origin.add(&content(30_000, 62));
+    let root = site_relay(
+        dir.path(),
+        "root",
+        "hq",
+        &[],
+        &origin.origin_template(),
+        &base,
+    )
+    .await;
+    let branch = site_relay(dir.path(), "branch-7", "lyon", &[url_of(&root)], "", &base).await;
+
+    let targets: Vec<Value> = (0..4)
+        .map(|i| json!({"agent": format!("pc-{i}"), "site": "lyon"}))
+        .collect();
+    let deadline = Utc::now() + chrono::Duration::hours(2);
+    let new = json!({"id": "kb-dash", "bundle": bundle.to_string(), "deadline": deadline,
+        "targets": targets});
+    let (status, body) = http("POST", &format!("{base}/v1/deployments"), Some(TOKEN), new).await;
+    assert_eq!(status, 201, "{body}");
+    for i in 0..2 {
+        agent(
+            &url_of(&branch),
+            &format!("pc-{i}"),
+            "kb-dash",
+            &bundle,
+            None,
+        )
+        .await;
+    }
+    wait_for(&format!("{base}/v1/relays"), "both relays are up", |r| {
+        state_of(r, "root") == "up" && state_of(r, "branch-7") == "up"
+    })
+    .await;
+    wait_for(
+        &format!("{base}/v1/deployments/kb-dash"),
+        "two installed",
+        |r| r["installed"] == 2,
+    )
+    .await;
+
+    let profile = dir.path().join("chromium-profile");
+    let shot = dir.path().join("dashboard.png");
+    let (url, profile2, shot2) = (format!("{base}/"), profile.clone(), shot.clone());
+    let dom = tokio::task::spawn_blocking(move || {
+        let dom = headless(&url, &profile2, &["--dump-dom".to_string()]);
+        headless(
+            &url,
+            &profile2,
+            &[format!("--screenshot={}", shot2.display())],
+        );
+        dom
+    })
+    .await
+    .unwrap();
+
+    // The tree: branch-7 nested under root, both green.
+    let root_at = dom.find("data-relay=\"root\" data-state=\"up\"");
+    let branch_at = dom.find("data-relay=\"branch-7\" data-state=\"up\"");
+    assert!(root_at.is_some() && branch_at > root_at, "{dom}");
+    assert!(dom.contains("site lyon"), "{dom}");
+    // The deployment's progress bar, counts and curve.
+    assert!(dom.contains("data-deployment=\"kb-dash\""), "{dom}");
+    assert!(dom.contains("2 of 4 installed (50.0%)"), "{dom}");
+    assert!(dom.contains("<polyline"), "{dom}");
+    let png = std::fs::read(&shot).expect("chromium wrote a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real page was drawn"
+    );
+    if let Some(keep) = std::env::var_os("KEEP_SCREENSHOT") {
+        std::fs::copy(&shot, keep).unwrap();
+    }
+
+    monitor.shutdown().await;
+    branch.shutdown().await;
+    root.shutdown().await;
+}

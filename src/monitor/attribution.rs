@@ -122,6 +122,8 @@ pub struct DeploymentReport {
     pub time_to: Milestones,
     /// (seconds since creation, installed share) at each install, for the curve.
     pub curve: Vec<(f64, f64)>,
+    /// Seconds from creation to now, or to the deadline once it passed: the curve's span.
+    pub elapsed_seconds: f64,
     pub sites: Vec<SiteProgress>,
     /// Failed and missing targets by class name.
     pub by_class: BTreeMap<String, usize>,
@@ -343,6 +345,9 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
         missing: count(Status::Missing),
         time_to,
         curve,
+        elapsed_seconds: (snapshot.now.min(deployment.deadline) - deployment.created_at).max(0)
+            as f64
+            / 1000.0,
         sites: sites.into_values().collect(),
         by_class,
         verdicts,

@@ -265,7 +265,7 @@ fn deployment_section(page: &mut String, d: &DeploymentReport) {
          <span class=\"missing\" style=\"width:{pm:.2}%\"></span>\
          <span class=\"pending\" style=\"width:{pp:.2}%\"></span></div>\
          <p class=\"progress\"><strong>{installed} of {targets} installed ({pi:.1}%)</strong>\
-         &middot; {failed} failed &middot; {missing} missing &middot; {pending} pending</p>\
+         &nbsp;&middot; {failed} failed &middot; {missing} missing &middot; {pending} pending</p>\
          <p class=\"milestones\"><span>75%: {t75}</span><span>90%: {t90}</span>\
          <span>100%: {t100}</span></p>",
         id = escape(&d.id),
@@ -379,8 +379,9 @@ fn curve(page: &mut String, d: &DeploymentReport) {
     let span = d
         .curve
         .last()
-        .map_or(1.0, |(t, _)| t.max(1.0))
-        .max(d.time_to.p100_seconds.unwrap_or(0.0));
+        .map_or(0.0, |(t, _)| *t)
+        .max(d.elapsed_seconds)
+        .max(1.0);
     let x = |t: f64| PAD + t / span * (W - 2.0 * PAD);
     let y = |share: f64| H - PAD + -share * (H - 2.0 * PAD);
     let mut points = String::new();
@@ -390,6 +391,7 @@ fn curve(page: &mut String, d: &DeploymentReport) {
         let _ = write!(points, "{:.1},{:.1} ", x(*t), y(*share));
         last_share = *share;
     }
+    let _ = write!(points, "{:.1},{:.1}", x(span), y(last_share));
     let _ = write!(
         page,
         "<svg class=\"curve\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" \
