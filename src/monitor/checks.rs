@@ -55,7 +55,13 @@ pub fn derive_state(
             relay.check_failures,
             relay.check_error.as_deref().unwrap_or("no answer")
         );
-        return Some((RelayState::Down, reason, now));
+        // Down since the first unanswered check, or since the first missed beacon if that
+        // came earlier.
+        let mut since = relay.check_failing_since.unwrap_or(now);
+        if let Some(last) = relay.last_beacon_at {
+            since = since.min(last.max(started) + interval);
+        }
+        return Some((RelayState::Down, reason, since));
     }
 
     // The newer of the last beacon and the last answered check says how it is.
@@ -134,7 +140,7 @@ pub async fn check(client: &HttpClient, url: &str, timeout: Duration) -> CheckRe
         Err(e) => return CheckResult::Failed(e.to_string()),
     };
     let answer = tokio::time::timeout(timeout, async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let response = client.request(request).await.map_err(|e| chain(&e))?;
         let status = response.status();
         let body = http_body_util::Limited::new(response.into_body(), 256 * 1024)
             .collect()
@@ -189,9 +195,24 @@ pub async fn bundle_exists(
         Ok(Ok(response)) if response.status().is_success() => Ok(true),
         Ok(Ok(response)) if response.status() == StatusCode::NOT_FOUND => Ok(false),
         Ok(Ok(response)) => Err(format!("answered {}", response.status())),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(chain(&e)),
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }
+}
+
+/// An error with its causes ("client error (Connect): tcp connect error: Connection
+/// refused"), since the outermost alone rarely says what happened.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// One round: check every relay, re-evaluate states, check bundles not known present.
@@ -357,9 +378,19 @@ mod tests {
         relay.check_answered = false;
         relay.check_failures = 2;
         relay.check_error = Some("connection refused".into());
-        let (state, reason, _) = derive_state(&relay, now, 0, &config).unwrap();
+        relay.check_failing_since = Some(now - 2_000);
+        let (state, reason, since) = derive_state(&relay, now, 0, &config).unwrap();
         assert_eq!(state, RelayState::Down);
         assert!(reason.contains("connection refused"), "{reason}");
+        assert_eq!(since, now - 2_000, "dated from the first unanswered check");
+        relay.last_beacon_at = Some(now - 15_000);
+        let (_, _, since) = derive_state(&relay, now, 0, &config).unwrap();
+        assert_eq!(
+            since,
+            now - 5_000,
+            "or the first missed beacon, when earlier"
+        );
+        relay.last_beacon_at = Some(now - 5_000);
 
         // Three beacon intervals without a beacon: down, dated from the first missed one.
         relay.check_failures = 0;

@@ -91,8 +91,9 @@ pub struct RelayRow {
     pub check_ready: bool,
     pub check_failed: Vec<String>,
     pub check_degraded: Vec<String>,
-    /// Health checks in a row without an answer.
+    /// Health checks in a row without an answer, and when the first of them ran.
     pub check_failures: u32,
+    pub check_failing_since: Option<i64>,
     pub check_error: Option<String>,
     /// The state last recorded, since when and why; `None` before the first evaluation.
     pub state: Option<RelayState>,
@@ -168,6 +169,10 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// The layout [`SCHEMA`] creates; kept in SQLite's `user_version`, so a later layout can
+/// migrate an older file and an older binary refuses a newer file.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS relays (
     id TEXT PRIMARY KEY,
@@ -189,6 +194,7 @@ CREATE TABLE IF NOT EXISTS relays (
     check_failed TEXT NOT NULL DEFAULT '[]',
     check_degraded TEXT NOT NULL DEFAULT '[]',
     check_failures INTEGER NOT NULL DEFAULT 0,
+    check_failing_since INTEGER,
     check_error TEXT,
     state TEXT,
     state_since INTEGER,
@@ -268,7 +274,21 @@ impl Store {
             .map_err(open_error)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_error)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(open_error)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Open {
+                path: path.display().to_string(),
+                source: rusqlite::Error::InvalidParameterName(format!(
+                    "schema version {version} is newer than this patchrelay's \
+                     ({SCHEMA_VERSION}); use the newer patchrelay"
+                )),
+            });
+        }
         conn.execute_batch(SCHEMA).map_err(open_error)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(open_error)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -394,7 +414,7 @@ impl Store {
                 conn.execute(
                     "UPDATE relays SET check_at = ?2, check_answered = 1, check_ready = ?3,
                         check_failed = ?4, check_degraded = ?5, check_failures = 0,
-                        check_error = NULL
+                        check_failing_since = NULL, check_error = NULL
                      WHERE url = ?1",
                     params![url, now, ready, to_json(failed), to_json(degraded)],
                 )?;
@@ -402,6 +422,8 @@ impl Store {
             CheckResult::Failed(error) => {
                 conn.execute(
                     "UPDATE relays SET check_at = ?2, check_answered = 0,
+                        check_failing_since = CASE WHEN check_failures = 0 THEN ?2
+                            ELSE check_failing_since END,
                         check_failures = check_failures + 1, check_error = ?3
                      WHERE url = ?1",
                     params![url, now, error],
@@ -418,7 +440,8 @@ impl Store {
             "SELECT id, site, url, version, parents, parent_in_use, cache_bytes, cache_bundles,
                 last_seq, last_beacon_at, beacon_ready, beacon_failed, beacon_degraded,
                 check_at, check_answered, check_ready, check_failed, check_degraded,
-                check_failures, check_error, state, state_since, state_reason
+                check_failures, check_error, state, state_since, state_reason,
+                check_failing_since
              FROM relays ORDER BY id",
         )?;
         let rows = statement.query_map([], |row| {
@@ -448,6 +471,7 @@ impl Store {
                     .and_then(|s| RelayState::parse(&s)),
                 state_since: row.get(21)?,
                 state_reason: row.get(22)?,
+                check_failing_since: row.get(23)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
