@@ -35,7 +35,7 @@ use crate::body::{self, ResponseBody};
 use crate::bundle::BundleId;
 use crate::config::ConfigError;
 use crate::reports::{self, SIGNATURE_HEADER};
-use crate::server::{self, require_method, ApiError, Handler, RELAY_HEADER};
+use crate::server::{self, require_method, ApiError, Handler};
 use attribution::{DeploymentReport, Snapshot};
 pub use config::MonitorConfig;
 use store::{Deployment, RelayRow, StateChange, Store, StoreError, Target};
@@ -70,9 +70,10 @@ pub struct MonitorState {
     pub store: Arc<Store>,
     beacon_key: Option<[u8; 32]>,
     admin_token: Option<String>,
-    client: checks::HttpClient,
     /// When this process started (Unix ms): beacons missed before it do not count.
     started: i64,
+    /// Wakes the check loop for an early round (a new deployment's bundle check).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// A running monitor.
@@ -97,9 +98,19 @@ impl Monitor {
                 .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into())))??
         };
         let store = Arc::new(store);
-        for url in &config.checks.relays {
-            store.ensure_configured(url.as_str())?;
-        }
+        let urls: Vec<String> = config
+            .checks
+            .relays
+            .iter()
+            .map(|u| u.as_str().to_string())
+            .collect();
+        let configured = store.clone();
+        tokio::task::spawn_blocking(move || {
+            urls.iter()
+                .try_for_each(|url| configured.ensure_configured(url))
+        })
+        .await
+        .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into())))??;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -123,12 +134,12 @@ impl Monitor {
             "monitor started");
 
         let state = Arc::new(MonitorState {
-            client: checks::client(config.checks.timeout),
             config: config.clone(),
             store: store.clone(),
             beacon_key,
             admin_token,
             started: now_ms(),
+            wake: Arc::default(),
         });
         let (stop, stopped) = watch::channel(false);
         let handler_state = state.clone();
@@ -141,7 +152,12 @@ impl Monitor {
             stopped,
             Duration::from_secs(5),
         ));
-        let checks = tokio::spawn(checks::run(store, config, state.started));
+        let checks = tokio::spawn(checks::run(
+            store,
+            config,
+            state.started,
+            state.wake.clone(),
+        ));
         Ok(Self {
             addr,
             state,
@@ -227,12 +243,19 @@ async fn route(
             create_deployment(state, request).await
         }
         "/v1/deployments" => {
-            require_method(request.method(), Method::GET)?;
+            if request.method() != Method::GET {
+                return Err(ApiError::Method {
+                    method: request.method().clone(),
+                    allowed: "GET or POST",
+                });
+            }
             let list = blocking(state, |s| {
                 let now = now_ms();
+                let shared = Shared::load(&s.store)?;
                 let mut list = Vec::new();
-                for deployment in s.store.deployments()? {
-                    list.push(DeploymentSummary::from(report_for(s, &deployment, now)?));
+                for deployment in s.store.deployments(MAX_LISTED)? {
+                    let report = report_for(s, &shared, &deployment, now)?;
+                    list.push(DeploymentSummary::from(report));
                 }
                 Ok(list)
             })
@@ -248,7 +271,10 @@ async fn route(
                 require_method(request.method(), Method::GET)?;
                 let id = id.to_string();
                 let report = blocking(state, move |s| match s.store.deployment(&id)? {
-                    Some(deployment) => Ok(Some(report_for(s, &deployment, now_ms())?)),
+                    Some(deployment) => {
+                        let shared = Shared::load(&s.store)?;
+                        Ok(Some(report_for(s, &shared, &deployment, now_ms())?))
+                    }
                     None => Ok(None),
                 })
                 .await?;
@@ -346,9 +372,7 @@ async fn receive_beacon(
     blocking(state, move |s| {
         let now = now_ms();
         s.store.record_beacon(&beacon, now)?;
-        if let Some(row) = s.store.relays()?.iter().find(|r| r.id == beacon.relay) {
-            checks::evaluate_one(&s.store, &s.config, row, now, s.started);
-        }
+        checks::evaluate_one(&s.store, &s.config, &beacon.relay, now, s.started);
         Ok(())
     })
     .await?;
@@ -369,21 +393,22 @@ fn accepted(value: &serde_json::Value) -> Result<Response<ResponseBody>, ApiErro
     Ok(response)
 }
 
-/// `POST /v1/reports`: the same checks as a relay (signature when a relay sends, the
-/// whole batch validated), then stored; duplicates (by `report_id`) are dropped.
+/// `POST /v1/reports`: the same checks as a relay (the whole batch validated, signature
+/// checked), then stored; duplicates (by `report_id`) are dropped. Unlike a relay, a
+/// monitor with a key takes only signed batches: agents report to their site relay, and
+/// anything unsigned reaching the monitor is not from the tree.
 async fn receive_reports(
     state: &Arc<MonitorState>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     require_method(request.method(), Method::POST)?;
     let signature = header(&request, SIGNATURE_HEADER);
-    let from_relay = request.headers().contains_key(RELAY_HEADER);
     let body = read_body(request, reports::MAX_BODY).await?;
     if let Some(key) = &state.beacon_key {
         match &signature {
             Some(sig) if !reports::verify(key, &body, sig) => return Err(ApiError::BadSignature),
-            None if from_relay => return Err(ApiError::Unsigned),
-            _ => {}
+            Some(_) => {}
+            None => return Err(ApiError::Unsigned),
         }
     }
     let batch = reports::parse_batch(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -407,8 +432,14 @@ pub struct NewDeployment {
 }
 
 impl NewDeployment {
-    /// Checks every field; the message names the first bad one.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks every field against `now`; the message names the first bad one.
+    pub fn validate(&self, now: DateTime<Utc>) -> Result<(), String> {
+        if self.deadline <= now {
+            return Err(format!(
+                "`deadline` {} is not in the future",
+                self.deadline.to_rfc3339()
+            ));
+        }
         let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
         if self.id.is_empty() || self.id.len() > 128 || !self.id.chars().all(name_ok) {
             return Err("`id` must be 1 to 128 letters, digits, '-', '_' or '.'".into());
@@ -454,7 +485,7 @@ async fn create_deployment(
     let body = read_body(request, MAX_DEPLOYMENT_BODY).await?;
     let new: NewDeployment = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("deployment: {e}")))?;
-    new.validate()
+    new.validate(Utc::now())
         .map_err(|e| ApiError::BadRequest(format!("deployment: {e}")))?;
     let deployment = Deployment {
         id: new.id.clone(),
@@ -469,10 +500,7 @@ async fn create_deployment(
     blocking(state, move |s| s.store.create_deployment(&deployment)).await?;
     info!(deployment = %new.id, bundle.id = %new.bundle, targets, "deployment created");
 
-    let state = state.clone();
-    tokio::spawn(async move {
-        checks::round(&state.store, &state.config, &state.client, state.started).await
-    });
+    state.wake.notify_one();
 
     let mut response = admin::json(&serde_json::json!({
         "id": new.id,
@@ -484,26 +512,42 @@ async fn create_deployment(
     Ok(response)
 }
 
+/// What every deployment's report reads alike: loaded once per request.
+pub struct Shared {
+    relays: Vec<RelayRow>,
+    history: Vec<StateChange>,
+}
+
+impl Shared {
+    pub fn load(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            relays: store.relays()?,
+            history: store.history(None)?,
+        })
+    }
+}
+
+/// Deployments `GET /v1/deployments` lists (newest first).
+const MAX_LISTED: usize = 100;
+
 /// One deployment's report from the store.
 pub fn report_for(
     state: &MonitorState,
+    shared: &Shared,
     deployment: &Deployment,
     now: i64,
 ) -> Result<DeploymentReport, StoreError> {
-    let store = &state.store;
-    let reports = store.reports(&deployment.id)?;
-    let relays = store.relays()?;
-    let history = store.history(None)?;
-    // Beacons count what happened since the previous one: one interval of slack.
-    let slack = state.config.beacon.interval.as_millis() as i64;
-    let to = now.min(deployment.deadline.saturating_add(slack));
-    let served = store.served(&deployment.bundle, deployment.created_at, to)?;
+    let reports = state.store.reports(&deployment.id, &deployment.bundle)?;
+    let served = state
+        .store
+        .served(&deployment.bundle, deployment.created_at - 60_000)?;
     Ok(attribution::evaluate(&Snapshot {
         deployment,
         reports: &reports,
-        relays: &relays,
-        history: &history,
+        relays: &shared.relays,
+        history: &shared.history,
         served: &served,
+        served_slack: state.config.beacon.interval.as_millis() as i64,
         now,
         config: state.config.attribution,
     }))
@@ -601,21 +645,17 @@ pub fn relay_views(store: &Store) -> Result<Vec<RelayView>, StoreError> {
 fn dashboard_page(state: &MonitorState) -> Result<String, StoreError> {
     let relays = relay_views(&state.store)?;
     let now = now_ms();
+    let shared = Shared::load(&state.store)?;
     let mut reports = Vec::new();
-    for deployment in state
-        .store
-        .deployments()?
-        .iter()
-        .take(dashboard::MAX_DEPLOYMENTS)
-    {
-        reports.push(report_for(state, deployment, now)?);
+    for deployment in state.store.deployments(dashboard::MAX_DEPLOYMENTS)? {
+        reports.push(report_for(state, &shared, &deployment, now)?);
     }
-    let history: Vec<StateChange> = state.store.history(None)?;
+    let recent = state.store.recent_changes(dashboard::RECENT_CHANGES)?;
     Ok(dashboard::render(
         &state.config.id,
         &relays,
         &reports,
-        &history,
+        &recent,
         now,
     ))
 }
@@ -642,18 +682,23 @@ mod tests {
                 site: "berlin".into(),
             }],
         };
-        assert_eq!(good.validate(), Ok(()));
+        let now = Utc::now() - chrono::Duration::seconds(1);
+        assert_eq!(good.validate(now), Ok(()));
+        assert!(good
+            .validate(Utc::now() + chrono::Duration::seconds(1))
+            .unwrap_err()
+            .contains("not in the future"));
         let mut bad = good.clone();
         bad.bundle = "kb1".into();
-        assert!(bad.validate().unwrap_err().contains("`bundle`"));
+        assert!(bad.validate(now).unwrap_err().contains("`bundle`"));
         let mut bad = good.clone();
         bad.targets.push(bad.targets[0].clone());
-        assert!(bad.validate().unwrap_err().contains("listed twice"));
+        assert!(bad.validate(now).unwrap_err().contains("listed twice"));
         let mut bad = good.clone();
         bad.targets[0].site = "no site".into();
-        assert!(bad.validate().unwrap_err().contains("target 0: `site`"));
+        assert!(bad.validate(now).unwrap_err().contains("target 0: `site`"));
         let mut bad = good;
         bad.targets.clear();
-        assert!(bad.validate().unwrap_err().contains("empty"));
+        assert!(bad.validate(now).unwrap_err().contains("empty"));
     }
 }

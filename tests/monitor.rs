@@ -491,22 +491,55 @@ async fn beacons_and_reports_are_checked_like_a_relay_parent_does() {
     let next = beacon(7, Utc::now());
     assert_eq!(post(next.clone(), sign(&next), true).await, 202);
 
-    // Reports: a relay's batch must be signed; an agent's is taken as is; ids dedupe.
+    // Reports: with a key, the monitor takes only signed batches (agents report to their
+    // relay); ids dedupe.
     let report = json!([{
         "report_id": "r-1", "agent": "pc-1", "deployment": "d", "bundle":
         BundleId::of(b"x").to_string(), "outcome": "installed", "at": Utc::now()
     }]);
     let url = format!("{base}/v1/reports");
     let (status, body) = http("POST", &url, None, report.clone()).await;
-    assert_eq!((status, body["accepted"].as_u64()), (202, Some(1)));
-    let (status, body) = http("POST", &url, None, report).await;
+    assert_eq!(status, 401, "unsigned: {body}");
+    let signed = |body: &Value| {
+        let body = body.to_string();
+        let url = url.clone();
+        async move {
+            let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+            let request = Request::post(url)
+                .header("x-patchrelay-relay", "edge-1")
+                .header(
+                    "x-patchrelay-signature",
+                    patchrelay::reports::sign(&KEY, body.as_bytes()),
+                )
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, body) = signed(&report).await;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(1)),
+        "{body}"
+    );
+    let (status, body) = signed(&report).await;
     assert_eq!(
         (status, body["accepted"].as_u64()),
         (202, Some(0)),
         "seen before"
     );
-    let (status, body) = http("POST", &url, None, json!([{"report_id": "r-2"}])).await;
+    let (status, body) = signed(&json!([{"report_id": "r-2"}])).await;
     assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("missing field"),
+        "{body}"
+    );
     let (status, _) = http("GET", &url, None, Value::Null).await;
     assert_eq!(status, 405);
 

@@ -180,7 +180,7 @@ fn deploy(
         deadline: parse_deadline(deadline, Utc::now())?,
         targets: read_targets(targets)?,
     };
-    deployment.validate()?;
+    deployment.validate(Utc::now())?;
     let token = config
         .admin
         .read_token()

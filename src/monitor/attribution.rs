@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::config::AttributionConfig;
 #[cfg(test)]
 use super::store::RelayState;
-use super::store::{Deployment, RelayRow, ReportRow, Served, StateChange};
+use super::store::{Deployment, RelayRow, ReportRow, ServedRow, StateChange};
 
 /// The class of a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -144,11 +144,16 @@ pub struct Implicated {
 #[derive(Debug, Clone, Copy)]
 pub struct Snapshot<'a> {
     pub deployment: &'a Deployment,
+    /// The deployment's reports (of its bundle).
     pub reports: &'a [ReportRow],
     pub relays: &'a [RelayRow],
+    /// Every relay's state changes, oldest first.
     pub history: &'a [StateChange],
-    /// What each relay served of the deployment's bundle since its creation.
-    pub served: &'a HashMap<String, Served>,
+    /// What relays served of the deployment's bundle, by minute, since its creation.
+    pub served: &'a [ServedRow],
+    /// A beacon counts what happened since the previous one: served rows this long after
+    /// a window's end still belong to it (one beacon interval).
+    pub served_slack: i64,
     pub now: i64,
     pub config: AttributionConfig,
 }
@@ -159,6 +164,8 @@ struct Outcome {
     detail: String,
     installed_at: Option<i64>,
     failed_at: Option<i64>,
+    /// The relay the agent's latest report came through, if one recorded itself.
+    relay: Option<String>,
 }
 
 fn outcomes(snapshot: &Snapshot<'_>) -> HashMap<String, Outcome> {
@@ -181,6 +188,7 @@ fn outcomes(snapshot: &Snapshot<'_>) -> HashMap<String, Outcome> {
                     .max_by_key(|r| r.at)
                     .map(|r| (r.at, r.detail.clone()))
             });
+            let relay = reports.and_then(|r| r.iter().rev().find_map(|r| r.relay.clone()));
             let status = match (installed_at, &last_failure) {
                 (Some(_), _) => Status::Installed,
                 (None, Some(_)) => Status::Failed,
@@ -194,42 +202,75 @@ fn outcomes(snapshot: &Snapshot<'_>) -> HashMap<String, Outcome> {
                     .map(|f| f.1.clone())
                     .unwrap_or_default(),
                 installed_at,
-                failed_at: last_failure.map(|f| f.0),
+                // An agent's clock ahead of ours must not stretch a window into the future.
+                failed_at: last_failure.map(|f| f.0.min(snapshot.now)),
+                relay,
             };
             (target.agent.clone(), outcome)
         })
         .collect()
 }
 
-/// The relays a site depends on: those of the site, and every relay above them (by the
-/// parents their beacons list), with the site's own first.
-fn site_chain(site: &str, relays: &[RelayRow]) -> (Vec<String>, Vec<String>) {
+/// The tree as the beacons describe it, worked out once per evaluation.
+struct Topology<'a> {
+    /// Every relay above each relay, by the parent URLs its beacons list.
+    above: HashMap<&'a str, BTreeSet<&'a str>>,
+    /// Parent URLs in each relay's chain that are no known relay's URL.
+    unmatched: HashMap<&'a str, BTreeSet<&'a str>>,
+    by_site: HashMap<&'a str, Vec<&'a str>>,
+    history: HashMap<&'a str, Vec<&'a StateChange>>,
+}
+
+fn topology<'a>(relays: &'a [RelayRow], history: &'a [StateChange]) -> Topology<'a> {
     let by_url: HashMap<&str, &RelayRow> = relays
         .iter()
         .filter(|r| !r.url.is_empty())
         .map(|r| (r.url.trim_end_matches('/'), r))
         .collect();
-    let own: Vec<&RelayRow> = relays.iter().filter(|r| r.site == site).collect();
-    let mut above = BTreeSet::new();
-    let mut queue: Vec<&RelayRow> = own.clone();
-    while let Some(relay) = queue.pop() {
-        for parent in &relay.parents {
-            if let Some(up) = by_url.get(parent.trim_end_matches('/')) {
-                if up.site != site && above.insert(up.id.clone()) {
-                    queue.push(up);
+    let mut topology = Topology {
+        above: HashMap::new(),
+        unmatched: HashMap::new(),
+        by_site: HashMap::new(),
+        history: HashMap::new(),
+    };
+    for relay in relays {
+        topology
+            .by_site
+            .entry(relay.site.as_str())
+            .or_default()
+            .push(&relay.id);
+        let (mut above, mut unmatched) = (BTreeSet::new(), BTreeSet::new());
+        let mut queue = vec![relay];
+        while let Some(current) = queue.pop() {
+            for parent in &current.parents {
+                match by_url.get(parent.trim_end_matches('/')) {
+                    Some(up) if up.id != relay.id => {
+                        if above.insert(up.id.as_str()) {
+                            queue.push(up);
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        unmatched.insert(parent.as_str());
+                    }
                 }
             }
         }
+        topology.above.insert(&relay.id, above);
+        topology.unmatched.insert(&relay.id, unmatched);
     }
-    (
-        own.iter().map(|r| r.id.clone()).collect(),
-        above.into_iter().collect(),
-    )
+    for change in history {
+        topology
+            .history
+            .entry(change.relay.as_str())
+            .or_default()
+            .push(change);
+    }
+    topology
 }
 
-/// The failure states `relay` was in during `[from, to]`, in words.
-fn failures_in(history: &[StateChange], relay: &str, from: i64, to: i64) -> Vec<String> {
-    let changes: Vec<&StateChange> = history.iter().filter(|c| c.relay == relay).collect();
+/// The failure states `changes` (one relay's, oldest first) show during `[from, to]`.
+fn failures_in(changes: &[&StateChange], from: i64, to: i64) -> Vec<String> {
     let mut found = Vec::new();
     for (i, change) in changes.iter().enumerate() {
         let end = changes.get(i + 1).map_or(i64::MAX, |next| next.at);
@@ -250,11 +291,6 @@ fn failures_in(history: &[StateChange], relay: &str, from: i64, to: i64) -> Vec<
     found
 }
 
-/// Whether the monitor had any state for `relay` by `to`.
-fn known_by(history: &[StateChange], relay: &str, to: i64) -> bool {
-    history.iter().any(|c| c.relay == relay && c.at <= to)
-}
-
 /// Formats Unix milliseconds as RFC 3339 UTC to the second.
 pub fn format_time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
@@ -262,10 +298,109 @@ pub fn format_time(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// What one site's verdicts share, worked out once per site.
+struct SiteContext<'a> {
+    own: Vec<&'a str>,
+    /// Relays of the site and every relay above them.
+    chain: BTreeSet<&'a str>,
+    site_wide: bool,
+    share_text: String,
+    /// Failures of each relay of `chain` during the window, in words.
+    problems: HashMap<&'a str, Vec<String>>,
+    /// Relays of `chain` the monitor had no state for by the window's end.
+    unknown: BTreeSet<&'a str>,
+    /// Downloads of the bundle the site's own relays completed during the window.
+    served: u64,
+}
+
+fn site_context<'a>(
+    snapshot: &Snapshot<'_>,
+    topology: &Topology<'a>,
+    site: &SiteProgress,
+    outcomes: &HashMap<String, Outcome>,
+) -> SiteContext<'a> {
+    let deployment = snapshot.deployment;
+    let own: Vec<&'a str> = topology
+        .by_site
+        .get(site.site.as_str())
+        .cloned()
+        .unwrap_or_default();
+    let mut chain: BTreeSet<&'a str> = own.iter().copied().collect();
+    for relay in &own {
+        chain.extend(topology.above.get(relay).into_iter().flatten().copied());
+    }
+
+    // The window: creation to the deadline (or now), and to the site's latest failure.
+    let latest_failure = deployment
+        .targets
+        .iter()
+        .filter(|t| t.site == site.site)
+        .filter_map(|t| outcomes.get(&t.agent).and_then(|o| o.failed_at))
+        .max();
+    let from = deployment.created_at;
+    let to = snapshot
+        .now
+        .min(deployment.deadline)
+        .max(latest_failure.unwrap_or(i64::MIN));
+    // Served rows are minute buckets of beacons that count the interval before them.
+    let in_window = |at: i64| at >= from - 60_000 && at <= to + snapshot.served_slack;
+
+    let mut problems = HashMap::new();
+    let mut unknown = BTreeSet::new();
+    for &relay in &chain {
+        let changes = topology.history.get(relay).map_or(&[][..], Vec::as_slice);
+        let mut found = failures_in(changes, from, to);
+        let integrity: u64 = snapshot
+            .served
+            .iter()
+            .filter(|s| s.relay == relay && in_window(s.at))
+            .map(|s| s.integrity)
+            .sum();
+        if integrity > 0 {
+            found.push(format!(
+                "{integrity} integrity failure(s) of bundle {}",
+                deployment.bundle
+            ));
+        }
+        if !found.is_empty() {
+            problems.insert(relay, found);
+        }
+        if !changes.iter().any(|c| c.at <= to) {
+            unknown.insert(relay);
+        }
+    }
+    let served = snapshot
+        .served
+        .iter()
+        .filter(|s| own.contains(&s.relay.as_str()) && in_window(s.at))
+        .map(|s| s.completed)
+        .sum();
+
+    let failing = site.failed + site.missing;
+    let share = failing as f64 / site.targets.max(1) as f64;
+    let share_text = format!(
+        "{failing} of {} targets at site {} failed or are missing ({:.0}%, threshold {:.0}%)",
+        site.targets,
+        site.site,
+        share * 100.0,
+        snapshot.config.site_threshold * 100.0
+    );
+    SiteContext {
+        own,
+        chain,
+        site_wide: share >= snapshot.config.site_threshold,
+        share_text,
+        problems,
+        unknown,
+        served,
+    }
+}
+
 /// Progress, milestones and a verdict for every failed or missing target.
 pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
     let deployment = snapshot.deployment;
     let outcomes = outcomes(snapshot);
+    let topology = topology(snapshot.relays, snapshot.history);
 
     let mut sites: BTreeMap<&str, SiteProgress> = BTreeMap::new();
     for target in &deployment.targets {
@@ -282,11 +417,20 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
         }
     }
     for site in sites.values_mut() {
-        site.relays = site_chain(&site.site, snapshot.relays).0;
+        site.relays = topology
+            .by_site
+            .get(site.site.as_str())
+            .map(|ids| ids.iter().map(|id| id.to_string()).collect())
+            .unwrap_or_default();
     }
+    let contexts: HashMap<&str, SiteContext<'_>> = sites
+        .iter()
+        .map(|(name, site)| (*name, site_context(snapshot, &topology, site, &outcomes)))
+        .collect();
 
     let policy = same_failure_everywhere(snapshot, &outcomes, &sites);
     let mut verdicts = Vec::new();
+    let mut blamed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for target in &deployment.targets {
         let Some(outcome) = outcomes.get(&target.agent) else {
             continue;
@@ -295,14 +439,16 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
             continue;
         }
         let site = &sites[target.site.as_str()];
-        let (class, rule, evidence, relays) = judge(
-            snapshot,
-            &target.site,
-            site,
-            &outcomes,
-            outcome,
-            policy.as_ref(),
-        );
+        let context = &contexts[target.site.as_str()];
+        let (class, rule, evidence, relays) =
+            judge(snapshot, &topology, site, context, outcome, policy.as_ref());
+        for relay in &relays {
+            let what = context.problems.get(relay.as_str()).into_iter().flatten();
+            blamed
+                .entry(relay.clone())
+                .or_default()
+                .extend(what.cloned());
+        }
         verdicts.push(Verdict {
             agent: target.agent.clone(),
             site: target.site.clone(),
@@ -327,7 +473,19 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
                 .or_insert(0) += 1;
         }
     }
-    let implicated = implicated(snapshot, &verdicts);
+    let implicated = blamed
+        .into_iter()
+        .map(|(relay, what)| Implicated {
+            site: snapshot
+                .relays
+                .iter()
+                .find(|r| r.id == relay)
+                .map(|r| r.site.clone())
+                .unwrap_or_default(),
+            relay,
+            what: what.into_iter().collect(),
+        })
+        .collect();
 
     let (time_to, curve) = milestones(deployment, &outcomes);
     let count = |status: Status| outcomes.values().filter(|o| o.status == status).count();
@@ -355,7 +513,8 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
     }
 }
 
-/// The detail every failure shares, when rule 3 holds for the deployment.
+/// The detail every failure shares, when rule 3 holds for the deployment: each failed
+/// target's latest failure detail is compared.
 fn same_failure_everywhere(
     snapshot: &Snapshot<'_>,
     outcomes: &HashMap<String, Outcome>,
@@ -381,14 +540,14 @@ type Judgement = (FailureClass, &'static str, String, Vec<String>);
 
 fn judge(
     snapshot: &Snapshot<'_>,
-    site_name: &str,
+    topology: &Topology<'_>,
     site: &SiteProgress,
-    outcomes: &HashMap<String, Outcome>,
+    context: &SiteContext<'_>,
     outcome: &Outcome,
     policy: Option<&(String, usize)>,
 ) -> Judgement {
     let deployment = snapshot.deployment;
-    let config = snapshot.config;
+    let unknown = |evidence: String| (FailureClass::Unknown, "unknown", evidence, Vec::new());
 
     if deployment.bundle_state == "missing" {
         return (
@@ -401,12 +560,11 @@ fn judge(
             Vec::new(),
         );
     }
-    let (own, above) = site_chain(site_name, snapshot.relays);
-    if own.is_empty() {
+    if context.own.is_empty() {
         return (
             FailureClass::Policy,
             "unknown-site",
-            format!("no relay known to the monitor serves site {site_name:?}"),
+            format!("no relay known to the monitor serves site {:?}", site.site),
             Vec::new(),
         );
     }
@@ -422,127 +580,81 @@ fn judge(
         );
     }
 
-    // The site's window: creation to the deadline (or now), and to its latest failure.
-    let latest_failure = snapshot
-        .deployment
-        .targets
+    // The relays this target depends on: its own relay and those above it when a report
+    // named it, else every relay of the site and above.
+    let chain: BTreeSet<&str> = match outcome.relay.as_deref() {
+        Some(relay) if context.own.contains(&relay) => {
+            let mut chain: BTreeSet<&str> = BTreeSet::from([relay]);
+            chain.extend(topology.above.get(relay).into_iter().flatten().copied());
+            chain
+        }
+        _ => context.chain.clone(),
+    };
+
+    let blamed: Vec<&str> = chain
         .iter()
-        .filter(|t| t.site == site_name)
-        .filter_map(|t| outcomes.get(&t.agent).and_then(|o| o.failed_at))
-        .max();
-    let from = deployment.created_at;
-    let to = snapshot
-        .now
-        .min(deployment.deadline)
-        .max(latest_failure.unwrap_or(i64::MIN));
-
-    let failing = site.failed + site.missing;
-    let share = failing as f64 / site.targets.max(1) as f64;
-    let site_wide = share >= config.site_threshold;
-    let share_text = format!(
-        "{failing} of {} targets at site {site_name} failed or are missing ({:.0}%, \
-         threshold {:.0}%)",
-        site.targets,
-        share * 100.0,
-        config.site_threshold * 100.0
-    );
-
-    let mut problems = Vec::new();
-    let mut blamed = Vec::new();
-    for relay in own.iter().chain(&above) {
-        let mut found = failures_in(snapshot.history, relay, from, to);
-        if let Some(served) = snapshot.served.get(relay) {
-            if served.integrity > 0 {
-                found.push(format!(
-                    "{} integrity failure(s) of bundle {}",
-                    served.integrity, deployment.bundle
-                ));
-            }
+        .copied()
+        .filter(|r| context.problems.contains_key(r))
+        .collect();
+    if !blamed.is_empty() {
+        let problems = blamed
+            .iter()
+            .map(|r| format!("{r}: {}", context.problems[r].join("; ")))
+            .collect::<Vec<_>>()
+            .join("; ");
+        if context.site_wide {
+            let evidence = format!("{problems}; {}", context.share_text);
+            let relays = blamed.iter().map(|r| r.to_string()).collect();
+            return (FailureClass::Relay, "relay-unhealthy", evidence, relays);
         }
-        if !found.is_empty() {
-            problems.push(format!("{relay}: {}", found.join("; ")));
-            blamed.push(relay.clone());
-        }
+        return unknown(format!(
+            "{problems}; but the failure is not site-wide: {}",
+            context.share_text
+        ));
     }
 
-    if !problems.is_empty() {
-        if site_wide {
-            let evidence = format!("{}; {share_text}", problems.join("; "));
-            return (FailureClass::Relay, "relay-unhealthy", evidence, blamed);
-        }
-        let evidence = format!(
-            "{}; but the failure is not site-wide: {share_text}",
-            problems.join("; ")
-        );
-        return (FailureClass::Unknown, "unknown", evidence, Vec::new());
-    }
-
-    let unknown_relays: Vec<&String> = own
+    let unknown_relays: Vec<&str> = chain
         .iter()
-        .chain(&above)
-        .filter(|r| !known_by(snapshot.history, r, to))
+        .copied()
+        .filter(|r| context.unknown.contains(r))
         .collect();
     if !unknown_relays.is_empty() {
-        let evidence = format!(
+        return unknown(format!(
             "no health state known for {} during the window",
-            unknown_relays
-                .iter()
-                .map(|r| r.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        return (FailureClass::Unknown, "unknown", evidence, Vec::new());
+            unknown_relays.join(", ")
+        ));
+    }
+    let unmatched: BTreeSet<&str> = chain
+        .iter()
+        .flat_map(|r| topology.unmatched.get(r).into_iter().flatten().copied())
+        .collect();
+    if !unmatched.is_empty() {
+        return unknown(format!(
+            "parent {} is not the URL of any relay the monitor knows (set the parent's \
+             advertise_url), so the relays above the site cannot be vouched for",
+            unmatched.into_iter().collect::<Vec<_>>().join(", ")
+        ));
     }
 
-    let served: u64 = own
-        .iter()
-        .filter_map(|r| snapshot.served.get(r))
-        .map(|s| s.completed)
-        .sum();
-    let others_installed = site.installed;
-    if served > 0 || others_installed > 0 {
+    if context.served > 0 || site.installed > 0 {
         let what = match &outcome.status {
             Status::Failed => format!("this agent reported failure {:?}", outcome.detail),
             _ => "this agent never reported it installed".to_string(),
         };
         let evidence = format!(
-            "relays {} healthy during the window; the site's relays served the bundle \
-             {served} time(s) and {others_installed} other target(s) of the site installed \
-             it; {what}",
-            own.iter()
-                .chain(&above)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            "relays {} healthy during the window; the site's relays served the bundle {} \
+             time(s) and {} other target(s) of the site installed it; {what}",
+            chain.iter().copied().collect::<Vec<_>>().join(", "),
+            context.served,
+            site.installed
         );
         return (FailureClass::Agent, "agent-only", evidence, Vec::new());
     }
-    let evidence = format!(
-        "relays of site {site_name} healthy during the window, but no agent of the site got \
-         the bundle; {share_text}"
-    );
-    (FailureClass::Unknown, "unknown", evidence, Vec::new())
-}
-
-fn implicated(snapshot: &Snapshot<'_>, verdicts: &[Verdict]) -> Vec<Implicated> {
-    let blamed: BTreeSet<&String> = verdicts.iter().flat_map(|v| &v.relays).collect();
-    let deployment = snapshot.deployment;
-    let to = snapshot.now.min(deployment.deadline);
-    blamed
-        .into_iter()
-        .map(|relay| {
-            let row = snapshot.relays.iter().find(|r| &r.id == relay);
-            let mut what = failures_in(snapshot.history, relay, deployment.created_at, to);
-            if let Some(served) = snapshot.served.get(relay).filter(|s| s.integrity > 0) {
-                what.push(format!("{} integrity failure(s)", served.integrity));
-            }
-            Implicated {
-                relay: relay.clone(),
-                site: row.map(|r| r.site.clone()).unwrap_or_default(),
-                what,
-            }
-        })
-        .collect()
+    unknown(format!(
+        "relays of site {} healthy during the window, but no agent of the site got the \
+         bundle; {}",
+        site.site, context.share_text
+    ))
 }
 
 fn milestones(
@@ -620,7 +732,7 @@ mod tests {
         reports: Vec<ReportRow>,
         relays: Vec<RelayRow>,
         history: Vec<StateChange>,
-        served: HashMap<String, Served>,
+        served: Vec<ServedRow>,
         now: i64,
     }
 
@@ -655,7 +767,7 @@ mod tests {
                 .iter()
                 .map(|r| change(r, T0 - 1000, RelayState::Up))
                 .collect(),
-            served: HashMap::new(),
+            served: Vec::new(),
             now: DEADLINE + 1,
         }
     }
@@ -676,6 +788,7 @@ mod tests {
                 relays: &self.relays,
                 history: &self.history,
                 served: &self.served,
+                served_slack: 0,
                 now: self.now,
                 config: AttributionConfig::default(),
             })
@@ -732,13 +845,12 @@ mod tests {
         w.install("b", 0..2);
         w.history.push(change("rb", T0 - 50_000, RelayState::Down));
         w.history.push(change("rb", T0 - 40_000, RelayState::Up));
-        w.served.insert(
-            "rb".into(),
-            Served {
-                completed: 2,
-                ..Served::default()
-            },
-        );
+        w.served.push(ServedRow {
+            relay: "rb".into(),
+            at: T0 + 1000,
+            completed: 2,
+            ..ServedRow::default()
+        });
         let report = w.evaluate();
         let v = verdict(&report, "b5");
         assert_eq!(
@@ -753,13 +865,12 @@ mod tests {
         w.install("a", 0..9);
         w.install("b", 0..10);
         w.reports.push(report("a9", false, "disk full", T0 + 5000));
-        w.served.insert(
-            "ra".into(),
-            Served {
-                completed: 9,
-                ..Served::default()
-            },
-        );
+        w.served.push(ServedRow {
+            relay: "ra".into(),
+            at: T0 + 1000,
+            completed: 9,
+            ..ServedRow::default()
+        });
         let report = w.evaluate();
         assert_eq!(report.verdicts.len(), 1);
         let v = verdict(&report, "a9");
@@ -790,13 +901,12 @@ mod tests {
             w.reports
                 .push(report(&format!("b{i}"), false, "hash mismatch", T0 + 9000));
         }
-        w.served.insert(
-            "rb".into(),
-            Served {
-                integrity: 3,
-                ..Served::default()
-            },
-        );
+        w.served.push(ServedRow {
+            relay: "rb".into(),
+            at: T0 + 1000,
+            integrity: 3,
+            ..ServedRow::default()
+        });
         let report = w.evaluate();
         let v = verdict(&report, "b0");
         assert_eq!(v.class, FailureClass::Relay);
@@ -856,6 +966,41 @@ mod tests {
         assert_eq!(
             (v.class, v.rule.as_str()),
             (FailureClass::Policy, "unknown-site")
+        );
+    }
+
+    #[test]
+    fn only_the_relay_an_agent_used_is_blamed_at_a_site_with_two() {
+        let mut w = world();
+        w.relays.push(relay("rb2", "b", &["root"]));
+        w.history.push(change("rb2", T0 - 1000, RelayState::Up));
+        w.history.push(change("rb", T0 + 100, RelayState::Down));
+        w.install("a", 0..10);
+        for i in 0..10 {
+            let mut failed = report(&format!("b{i}"), false, "timeout", T0 + 5000);
+            failed.relay = Some(if i < 5 { "rb" } else { "rb2" }.into());
+            w.reports.push(failed);
+        }
+        let report = w.evaluate();
+        assert_eq!(verdict(&report, "b1").class, FailureClass::Relay);
+        assert_eq!(verdict(&report, "b1").relays, vec!["rb".to_string()]);
+        let v = verdict(&report, "b7");
+        assert_ne!(v.class, FailureClass::Relay, "rb2 was healthy: {v:?}");
+    }
+
+    #[test]
+    fn a_parent_url_no_relay_has_leaves_the_verdict_unknown() {
+        let mut w = world();
+        w.relays[1].parents = vec!["http://10.9.9.9:7420".into()];
+        w.install("a", 0..9);
+        w.reports.push(report("a9", false, "disk full", T0 + 5000));
+        let report = w.evaluate();
+        let v = verdict(&report, "a9");
+        assert_eq!(v.class, FailureClass::Unknown);
+        assert!(
+            v.evidence.contains("http://10.9.9.9:7420"),
+            "{}",
+            v.evidence
         );
     }
 

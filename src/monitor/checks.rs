@@ -11,10 +11,11 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::config::MonitorConfig;
-use super::store::{CheckResult, RelayRow, RelayState, Store};
+use super::store::{CheckResult, RelayRow, RelayState, Store, StoreError};
 
 /// The HTTP client of the checks.
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
@@ -27,62 +28,93 @@ pub fn client(timeout: Duration) -> HttpClient {
 
 /// A relay's state at `now` from what the monitor last heard, why, and since when (the
 /// time the cause began, as well as the monitor can tell). `None` before anything was
-/// heard from it. Beacons are counted missing only from `started` (when this monitor
-/// process began listening): a monitor that was down itself must not call every relay
-/// down for the beacons it could not receive.
+/// heard from it.
+///
+/// A relay is `down` only when both channels are silent: no beacon for `missed_beacons`
+/// intervals (or none ever) and no answer to its health checks (`failed_checks` in a row,
+/// or never checked). A relay whose beacons arrive but that the monitor cannot reach (a
+/// NAT, a firewall) is `degraded`, and one that answers checks but whose beacons stopped
+/// (a key mismatch, a dead parent on the forwarding path) keeps the state its checks say,
+/// with the missing beacons among the reasons. Beacons count as missed only from `started`
+/// (when this monitor process began listening): a monitor that was down itself must not
+/// call every relay down for the beacons it could not receive.
 pub fn derive_state(
     relay: &RelayRow,
     now: i64,
     started: i64,
     config: &MonitorConfig,
 ) -> Option<(RelayState, String, i64)> {
-    let interval = config.beacon.interval.as_millis() as i64;
-    if let Some(last) = relay.last_beacon_at {
-        let allowed = interval * i64::from(config.checks.missed_beacons);
-        if now - last.max(started) > allowed {
-            let reason = format!(
-                "no beacon for {}s (last at {}; {} missed)",
+    let interval = (config.beacon.interval.as_millis() as i64).max(1);
+    let missed = relay.last_beacon_at.map(|last| {
+        let silent = now - last.max(started);
+        (silent > interval * i64::from(config.checks.missed_beacons)).then(|| {
+            let why = format!(
+                "no beacon for {}s (last at {})",
                 (now - last) / 1000,
-                super::attribution::format_time(last),
-                (now - last) / interval.max(1)
+                super::attribution::format_time(last)
             );
-            return Some((RelayState::Down, reason, last + interval));
-        }
-    }
-    if relay.check_failures >= config.checks.failed_checks {
-        let reason = format!(
-            "{} health checks in a row got no answer: {}",
+            (why, last.max(started) + interval)
+        })
+    });
+    let checks_failing = relay.check_failures >= config.checks.failed_checks;
+    let check_error = || {
+        format!(
+            "{} health check(s) in a row got no answer: {}",
             relay.check_failures,
             relay.check_error.as_deref().unwrap_or("no answer")
-        );
-        // Down since the first unanswered check, or since the first missed beacon if that
-        // came earlier.
-        let mut since = relay.check_failing_since.unwrap_or(now);
-        if let Some(last) = relay.last_beacon_at {
-            since = since.min(last.max(started) + interval);
+        )
+    };
+    // The newest word from the relay itself: an answered check, or its last beacon.
+    let answered_check = relay.check_answered
+        && relay.check_at.unwrap_or(i64::MIN) >= relay.last_beacon_at.unwrap_or(i64::MIN);
+    let fresh_beacon = matches!(missed, Some(None));
+
+    let silent = match &missed {
+        Some(Some(_)) | None => !relay.check_answered,
+        Some(None) => false,
+    };
+    if silent && (checks_failing || relay.check_at.is_none()) {
+        let mut reasons = Vec::new();
+        let mut since = now;
+        if let Some(Some((why, first_missed))) = &missed {
+            reasons.push(why.clone());
+            since = since.min(*first_missed);
         }
-        return Some((RelayState::Down, reason, since));
+        if relay.check_failures > 0 {
+            reasons.push(check_error());
+            since = since.min(relay.check_failing_since.unwrap_or(now));
+        }
+        if reasons.is_empty() {
+            return None;
+        }
+        return Some((RelayState::Down, reasons.join("; "), since));
     }
 
-    // The newer of the last beacon and the last answered check says how it is.
-    let from_check = relay.check_answered
-        && relay.check_at.unwrap_or(i64::MIN) >= relay.last_beacon_at.unwrap_or(i64::MIN);
-    let (ready, failed, degraded) = if from_check {
+    let (ready, failed, degraded, source) = if answered_check || !fresh_beacon {
+        if !relay.check_answered {
+            return None;
+        }
         (
             relay.check_ready,
             &relay.check_failed,
             &relay.check_degraded,
+            "check",
         )
-    } else if relay.last_beacon_at.is_some() {
+    } else {
         (
             relay.beacon_ready,
             &relay.beacon_failed,
             &relay.beacon_degraded,
+            "beacon",
         )
-    } else {
-        return None;
     };
-    let source = if from_check { "check" } else { "beacon" };
+    let mut degraded = degraded.clone();
+    if let Some(Some((why, _))) = &missed {
+        degraded.push(why.clone());
+    }
+    if fresh_beacon && relay.check_failures > 0 {
+        degraded.push(format!("not reachable from the monitor: {}", check_error()));
+    }
     if !ready {
         let reason = format!("not ready ({source}): {}", failed.join("; "));
         return Some((RelayState::Unready, reason, now));
@@ -104,32 +136,24 @@ pub fn evaluate_all(store: &Store, config: &MonitorConfig, now: i64, started: i6
         }
     };
     for relay in &relays {
-        evaluate_one(store, config, relay, now, started);
+        evaluate_one(store, config, &relay.id, now, started);
     }
 }
 
 /// Re-evaluates one relay's state and records a change.
-pub fn evaluate_one(
-    store: &Store,
-    config: &MonitorConfig,
-    relay: &RelayRow,
-    now: i64,
-    started: i64,
-) {
-    let Some((state, reason, since)) = derive_state(relay, now, started, config) else {
-        return;
-    };
-    // The change is dated when its cause began, but never before the previous change.
-    let at = since.max(relay.state_since.unwrap_or(i64::MIN)).min(now);
-    match store.set_state(&relay.id, state, &reason, at) {
-        Ok(true) if state.is_failure() => {
-            warn!(relay.id = %relay.id, relay.site = %relay.site, state = state.as_str(),
-                reason = %reason, "relay state changed")
+pub fn evaluate_one(store: &Store, config: &MonitorConfig, relay: &str, now: i64, started: i64) {
+    let updated = store.update_state(relay, |row| derive_state(row, now, started, config));
+    match updated {
+        Ok(Some((state, reason, true))) if state.is_failure() => {
+            warn!(relay.id = %relay, state = state.as_str(), reason = %reason,
+                "relay state changed")
         }
-        Ok(true) => info!(relay.id = %relay.id, relay.site = %relay.site,
-            state = state.as_str(), reason = %reason, "relay state changed"),
-        Ok(false) => {}
-        Err(e) => warn!(relay.id = %relay.id, error = %e, "cannot record a relay's state"),
+        Ok(Some((state, reason, true))) => {
+            info!(relay.id = %relay, state = state.as_str(), reason = %reason,
+                "relay state changed")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(relay.id = %relay, error = %e, "cannot record a relay's state"),
     }
 }
 
@@ -215,8 +239,16 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// One round: check every relay, re-evaluate states, check bundles not known present.
-/// `started` is when this monitor process started (see [`derive_state`]).
+/// Whether a relay's URL names a host the monitor can reach: a relay listening on
+/// 0.0.0.0 without `advertise_url` sends an unspecified address (beacons alone then tell
+/// its health).
+fn checkable(url: &str) -> bool {
+    !url.is_empty() && !url.contains("://0.0.0.0") && !url.contains("://[::]")
+}
+
+/// One round of health checks: every known relay's `/readyz` at once, then every
+/// relay's state re-evaluated. `started` is when this monitor process started (see
+/// [`derive_state`]).
 pub async fn round(store: &Arc<Store>, config: &MonitorConfig, client: &HttpClient, started: i64) {
     let relays = {
         let store = store.clone();
@@ -235,7 +267,7 @@ pub async fn round(store: &Arc<Store>, config: &MonitorConfig, client: &HttpClie
         .iter()
         .map(|u| u.as_str().to_string())
         .chain(relays.iter().map(|r| r.url.clone()))
-        .filter(|u| !u.is_empty())
+        .filter(|u| checkable(u))
         .collect();
     urls.sort();
     urls.dedup();
@@ -243,52 +275,90 @@ pub async fn round(store: &Arc<Store>, config: &MonitorConfig, client: &HttpClie
     let timeout = config.checks.timeout;
     let checks = urls.iter().map(|url| async move {
         let result = check(client, url, timeout).await;
-        (url.clone(), result)
+        (url.clone(), result, super::now_ms())
     });
     let results = futures_util::future::join_all(checks).await;
 
-    let roots: Vec<String> = relays
-        .iter()
-        .filter(|r| r.parents.is_empty() && !r.site.is_empty())
-        .map(|r| r.url.clone())
-        .collect();
-    let unsure = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.deployments())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|d| d.bundle_state != "present")
-            .collect::<Vec<_>>()
-    };
-    let mut bundle_states = Vec::new();
-    for deployment in unsure {
-        let mut answers = Vec::new();
-        for root in &roots {
-            let answer = bundle_exists(client, root, &deployment.bundle, timeout).await;
-            answers.push((root.clone(), answer));
-        }
-        let (state, evidence) = bundle_verdict(&answers);
-        bundle_states.push((deployment.id, state, evidence));
-    }
-
     let store = store.clone();
     let config = config.clone();
-    let now = super::now_ms();
     let _ = tokio::task::spawn_blocking(move || {
-        for (url, result) in &results {
-            if let Err(e) = store.record_check(url, result, now) {
+        for (url, result, at) in &results {
+            if let Err(e) = store.record_check(url, result, *at) {
                 warn!(url = %url, error = %e, "cannot record a health check");
             }
         }
-        for (id, state, evidence) in &bundle_states {
-            if let Err(e) = store.set_bundle_state(id, state, evidence) {
+        evaluate_all(&store, &config, super::now_ms(), started);
+    })
+    .await;
+}
+
+/// How long after its deadline a deployment's bundle is still looked for.
+const BUNDLE_CHECK_GRACE: i64 = 3_600_000;
+
+/// Asks the root relays, all at once, whether the bundles of recent deployments not yet
+/// known present exist; records the answers.
+pub async fn bundle_round(store: &Arc<Store>, config: &MonitorConfig, client: &HttpClient) {
+    let listed = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((store.relays()?, store.unsure_bundles()?))
+        })
+        .await
+    };
+    let (relays, unsure) = match listed {
+        Ok(Ok(listed)) => listed,
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot read deployments to check their bundles");
+            return;
+        }
+        Err(_) => return,
+    };
+    let now = super::now_ms();
+    let mut bundles: Vec<String> = unsure
+        .iter()
+        .filter(|(_, _, deadline)| now <= deadline.saturating_add(BUNDLE_CHECK_GRACE))
+        .map(|(_, bundle, _)| bundle.clone())
+        .collect();
+    bundles.sort();
+    bundles.dedup();
+    if bundles.is_empty() {
+        return;
+    }
+    let roots: Vec<&str> = relays
+        .iter()
+        .filter(|r| r.parents.is_empty() && !r.site.is_empty() && checkable(&r.url))
+        .map(|r| r.url.as_str())
+        .collect();
+    let timeout = config.checks.timeout;
+    let asks = bundles.iter().map(|bundle| {
+        let roots = &roots;
+        async move {
+            let answers = futures_util::future::join_all(roots.iter().map(|root| async move {
+                (
+                    root.to_string(),
+                    bundle_exists(client, root, bundle, timeout).await,
+                )
+            }))
+            .await;
+            (bundle.clone(), bundle_verdict(&answers))
+        }
+    });
+    let verdicts: std::collections::HashMap<String, (&'static str, String)> =
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .collect();
+
+    let store = store.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for (id, bundle, _) in unsure {
+            let Some((state, evidence)) = verdicts.get(&bundle) else {
+                continue;
+            };
+            if let Err(e) = store.set_bundle_state(&id, state, evidence) {
                 warn!(deployment = %id, error = %e, "cannot record a bundle check");
             }
         }
-        evaluate_all(&store, &config, now, started);
     })
     .await;
 }
@@ -320,14 +390,32 @@ pub fn bundle_verdict(answers: &[(String, Result<bool, String>)]) -> (&'static s
     }
 }
 
-/// Runs [`round`] every `[checks] interval` until the task is dropped.
-pub async fn run(store: Arc<Store>, config: MonitorConfig, started: i64) {
+/// Runs [`round`] and [`bundle_round`] every `[checks] interval`, or at once when
+/// `wake` is notified (a new deployment), and prunes history older than
+/// `[monitor] retention` once an hour, until the task is dropped. Rounds never overlap.
+pub async fn run(store: Arc<Store>, config: MonitorConfig, started: i64, wake: Arc<Notify>) {
     let client = client(config.checks.timeout);
     let mut tick = tokio::time::interval(config.checks.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned = std::time::Instant::now();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = wake.notified() => {}
+        }
         round(&store, &config, &client, started).await;
+        bundle_round(&store, &config, &client).await;
+        if pruned.elapsed() >= Duration::from_secs(3600) {
+            pruned = std::time::Instant::now();
+            let retention = config.retention.as_millis() as i64;
+            let store = store.clone();
+            let before = super::now_ms().saturating_sub(retention);
+            match tokio::task::spawn_blocking(move || store.prune(before)).await {
+                Ok(Ok(rows)) if rows > 0 => info!(rows, "pruned monitor history"),
+                Ok(Err(e)) => warn!(error = %e, "cannot prune monitor history"),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -374,36 +462,63 @@ mod tests {
         assert_eq!(state, RelayState::Unready);
         assert!(reason.contains("upstream: no parent answered"), "{reason}");
 
-        // Two checks without an answer: down.
+        // Checks fail but beacons still arrive: reachable by the tree, not by the monitor.
         relay.check_answered = false;
         relay.check_failures = 2;
         relay.check_error = Some("connection refused".into());
         relay.check_failing_since = Some(now - 2_000);
+        relay.check_failed.clear();
+        relay.beacon_degraded.clear();
+        let (state, reason, _) = derive_state(&relay, now, 0, &config).unwrap();
+        assert_eq!(state, RelayState::Degraded);
+        assert!(
+            reason.contains("not reachable from the monitor"),
+            "{reason}"
+        );
+
+        // Both silent (no beacon for three intervals, checks unanswered): down, dated from
+        // the first missed beacon or the first unanswered check, whichever came first.
+        relay.last_beacon_at = Some(now - 31_000);
         let (state, reason, since) = derive_state(&relay, now, 0, &config).unwrap();
         assert_eq!(state, RelayState::Down);
+        assert!(reason.contains("no beacon for 31s"), "{reason}");
         assert!(reason.contains("connection refused"), "{reason}");
-        assert_eq!(since, now - 2_000, "dated from the first unanswered check");
-        relay.last_beacon_at = Some(now - 15_000);
-        let (_, _, since) = derive_state(&relay, now, 0, &config).unwrap();
-        assert_eq!(
-            since,
-            now - 5_000,
-            "or the first missed beacon, when earlier"
-        );
-        relay.last_beacon_at = Some(now - 5_000);
-
-        // Three beacon intervals without a beacon: down, dated from the first missed one.
-        relay.check_failures = 0;
-        relay.last_beacon_at = Some(now - 31_000);
-        let (state, _, since) = derive_state(&relay, now, 0, &config).unwrap();
-        assert_eq!(state, RelayState::Down);
         assert_eq!(since, now - 21_000);
+        relay.check_failing_since = Some(now - 40_000);
+        assert_eq!(
+            derive_state(&relay, now, 0, &config).unwrap().2,
+            now - 40_000
+        );
 
-        // Unless the monitor itself only just started: it could not hear them.
+        // Beacons stopped but checks answer: its checks tell its state, beacons a reason.
+        relay.check_answered = true;
+        relay.check_ready = true;
+        relay.check_failures = 0;
+        relay.check_at = Some(now - 100);
+        let (state, reason, _) = derive_state(&relay, now, 0, &config).unwrap();
+        assert_eq!(state, RelayState::Degraded);
+        assert!(reason.contains("no beacon for 31s"), "{reason}");
+
+        // A monitor that only just started could not hear the beacons it missed.
+        relay.check_answered = false;
+        relay.check_failures = 2;
         assert_eq!(
             derive_state(&relay, now, now - 1_000, &config).unwrap().0,
             RelayState::Degraded,
-            "as its last beacon said"
+            "beacons are not yet missed, so the failing checks only degrade it"
+        );
+
+        // A relay known only from the config: checks alone decide.
+        let configured = RelayRow {
+            id: "http://10.0.0.9:7420".into(),
+            check_at: Some(now),
+            check_failures: 2,
+            check_error: Some("timeout".into()),
+            ..RelayRow::default()
+        };
+        assert_eq!(
+            derive_state(&configured, now, 0, &config).unwrap().0,
+            RelayState::Down
         );
 
         // Nothing heard yet: no state.

@@ -18,6 +18,9 @@ pub struct MonitorConfig {
     pub listen: SocketAddr,
     /// The SQLite database holding everything the monitor knows.
     pub database: PathBuf,
+    /// Relay state history and served counts older than this are pruned (each relay's
+    /// latest state is kept). Default 90 days.
+    pub retention: Duration,
     /// `[beacon]`: the key shared with the relays, the accepted clock skew, and the
     /// interval the relays send beacons at (to count missed ones).
     pub beacon: BeaconConfig,
@@ -91,6 +94,7 @@ struct RawMonitor {
     id: Option<Spanned<String>>,
     listen: Spanned<String>,
     database: Spanned<String>,
+    retention: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +172,11 @@ impl MonitorConfig {
             return Err(ctx.invalid("monitor.database", &raw.monitor.database, msg));
         }
         let database = base_dir.join(database);
+        let retention = ctx.duration(
+            "monitor.retention",
+            raw.monitor.retention.clone(),
+            Duration::from_secs(90 * 86_400),
+        )?;
 
         let file = |f: Option<String>| {
             f.and_then(|f| (!f.trim().is_empty()).then(|| base_dir.join(f.trim())))
@@ -244,6 +253,7 @@ impl MonitorConfig {
             id,
             listen,
             database,
+            retention,
             beacon,
             checks,
             attribution,

@@ -17,6 +17,8 @@ use super::RelayView;
 pub const REFRESH_SECONDS: u32 = 10;
 /// Deployments shown (newest first).
 pub const MAX_DEPLOYMENTS: usize = 20;
+/// State changes listed under the tree (newest first).
+pub const RECENT_CHANGES: usize = 10;
 /// Verdicts listed per deployment; the rest are in the JSON report.
 const MAX_VERDICTS: usize = 50;
 
@@ -77,7 +79,7 @@ pub fn render(
     monitor_id: &str,
     relays: &[RelayView],
     deployments: &[DeploymentReport],
-    history: &[StateChange],
+    recent_changes: &[StateChange],
     now: i64,
 ) -> String {
     let mut page = String::with_capacity(64 * 1024);
@@ -94,7 +96,7 @@ pub fn render(
         id = escape(monitor_id),
         time = format_time(now),
     );
-    relay_section(&mut page, relays, history);
+    relay_section(&mut page, relays, recent_changes);
     if deployments.is_empty() {
         page.push_str(
             "<section><h2>Deployments</h2><p class=\"muted\">No deployments yet: \
@@ -156,7 +158,7 @@ fn relay_section(page: &mut String, relays: &[RelayView], history: &[StateChange
     }
     page.push_str("</ul>");
 
-    let recent: Vec<&StateChange> = history.iter().rev().take(10).collect();
+    let recent: Vec<&StateChange> = history.iter().take(RECENT_CHANGES).collect();
     if !recent.is_empty() {
         page.push_str(
             "<h3>Recent state changes</h3><table><tr><th>time</th><th>relay</th>\

@@ -25,6 +25,12 @@ pub enum StoreError {
     },
     #[error("monitor database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("monitor database {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("deployment {0} exists already")]
     DeploymentExists(String),
     #[error("beacon {seq} from {relay} is replayed or old (last {last})")]
@@ -155,9 +161,13 @@ pub struct ReportRow {
     pub relay: Option<String>,
 }
 
-/// Downloads and integrity failures of one bundle at one relay, summed over a window.
+/// Downloads and integrity failures of one bundle at one relay in one minute (by the
+/// beacons sent in that minute).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Served {
+pub struct ServedRow {
+    pub relay: String,
+    /// Start of the minute, Unix ms.
+    pub at: i64,
     pub completed: u64,
     pub failed: u64,
     pub integrity: u64,
@@ -208,14 +218,14 @@ CREATE TABLE IF NOT EXISTS relay_states (
 );
 CREATE INDEX IF NOT EXISTS relay_states_by_relay ON relay_states (relay, at);
 CREATE TABLE IF NOT EXISTS served (
-    relay TEXT NOT NULL,
     bundle TEXT NOT NULL,
     at INTEGER NOT NULL,
+    relay TEXT NOT NULL,
     completed INTEGER NOT NULL,
     failed INTEGER NOT NULL,
-    integrity INTEGER NOT NULL
+    integrity INTEGER NOT NULL,
+    PRIMARY KEY (bundle, at, relay)
 );
-CREATE INDEX IF NOT EXISTS served_by_bundle ON served (bundle, at);
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -242,6 +252,7 @@ CREATE TABLE IF NOT EXISTS targets (
     site TEXT NOT NULL,
     PRIMARY KEY (deployment, agent)
 );
+CREATE INDEX IF NOT EXISTS deployments_by_time ON deployments (created_at);
 ";
 
 fn json_list(text: &str) -> Vec<String> {
@@ -263,9 +274,11 @@ impl Store {
             path: path.display().to_string(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| open_error(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
         }
         let conn = Connection::open(path).map_err(open_error)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -319,11 +332,15 @@ impl Store {
                 last,
             });
         }
-        // A relay first known by URL alone (from [checks] relays) now has a name.
-        tx.execute(
-            "DELETE FROM relays WHERE id = ?1 AND id != ?2",
-            params![beacon.url, beacon.relay],
-        )?;
+        // A relay first known by URL alone (from [checks] relays) now has a name: its
+        // history moves to that name.
+        if beacon.url != beacon.relay {
+            tx.execute(
+                "UPDATE relay_states SET relay = ?2 WHERE relay = ?1",
+                params![beacon.url, beacon.relay],
+            )?;
+            tx.execute("DELETE FROM relays WHERE id = ?1", [&beacon.url])?;
+        }
         tx.execute(
             "INSERT INTO relays (id, site, url, version, parents, parent_in_use, cache_bytes,
                 cache_bundles, last_seq, last_beacon_at, beacon_ready, beacon_failed,
@@ -355,13 +372,18 @@ impl Store {
         for bundle in bundles {
             let downloads = counters.downloads.get(bundle).copied().unwrap_or_default();
             let integrity = counters.integrity.get(bundle).copied().unwrap_or(0);
+            let minute = ms(beacon.sent_at).div_euclid(60_000) * 60_000;
             tx.execute(
                 "INSERT INTO served (relay, bundle, at, completed, failed, integrity)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (bundle, at, relay) DO UPDATE SET
+                    completed = completed + excluded.completed,
+                    failed = failed + excluded.failed,
+                    integrity = integrity + excluded.integrity",
                 params![
                     beacon.relay,
                     bundle,
-                    ms(beacon.sent_at),
+                    minute,
                     downloads.completed as i64,
                     downloads.failed as i64,
                     integrity as i64
@@ -382,14 +404,17 @@ impl Store {
         Ok(())
     }
 
-    /// Records the result of a health check of `url` at `now`.
+    /// Records the result of a health check of `url` at `now`. An answer updates the relay
+    /// it names (a row known by URL alone takes that name, with its history); a failure
+    /// counts against every relay at that URL.
     pub fn record_check(
         &self,
         url: &str,
         result: &CheckResult,
         now: i64,
     ) -> Result<(), StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
         match result {
             CheckResult::Answered {
                 relay,
@@ -397,30 +422,44 @@ impl Store {
                 failed,
                 degraded,
             } => {
-                // The answer names the relay: a URL-only row becomes that relay's.
-                let named: Option<String> = conn
-                    .query_row("SELECT id FROM relays WHERE id = ?1", [relay], |r| r.get(0))
-                    .optional()?;
-                if named.is_none() {
-                    conn.execute(
-                        "UPDATE relays SET id = ?1 WHERE url = ?2 AND id = ?2",
-                        params![relay, url],
+                let exists = |id: &str| -> rusqlite::Result<bool> {
+                    Ok(tx
+                        .query_row("SELECT 1 FROM relays WHERE id = ?1", [id], |_| Ok(()))
+                        .optional()?
+                        .is_some())
+                };
+                let named = exists(relay)?;
+                let by_url = url != relay && exists(url)?;
+                if by_url {
+                    tx.execute(
+                        "UPDATE relay_states SET relay = ?2 WHERE relay = ?1",
+                        params![url, relay],
                     )?;
-                    conn.execute(
-                        "INSERT OR IGNORE INTO relays (id, url) VALUES (?1, ?2)",
+                    if named {
+                        tx.execute("DELETE FROM relays WHERE id = ?1", [url])?;
+                    } else {
+                        tx.execute(
+                            "UPDATE relays SET id = ?2 WHERE id = ?1",
+                            params![url, relay],
+                        )?;
+                    }
+                } else if !named {
+                    tx.execute(
+                        "INSERT INTO relays (id, url) VALUES (?1, ?2)",
                         params![relay, url],
                     )?;
                 }
-                conn.execute(
+                tx.execute(
                     "UPDATE relays SET check_at = ?2, check_answered = 1, check_ready = ?3,
                         check_failed = ?4, check_degraded = ?5, check_failures = 0,
-                        check_failing_since = NULL, check_error = NULL
-                     WHERE url = ?1",
-                    params![url, now, ready, to_json(failed), to_json(degraded)],
+                        check_failing_since = NULL, check_error = NULL,
+                        url = CASE WHEN url = '' THEN ?6 ELSE url END
+                     WHERE id = ?1",
+                    params![relay, now, ready, to_json(failed), to_json(degraded), url],
                 )?;
             }
             CheckResult::Failed(error) => {
-                conn.execute(
+                tx.execute(
                     "UPDATE relays SET check_at = ?2, check_answered = 0,
                         check_failing_since = CASE WHEN check_failures = 0 THEN ?2
                             ELSE check_failing_since END,
@@ -430,73 +469,45 @@ impl Store {
                 )?;
             }
         }
+        tx.commit()?;
         Ok(())
     }
 
     /// Every relay, by id.
     pub fn relays(&self) -> Result<Vec<RelayRow>, StoreError> {
         let conn = self.conn();
-        let mut statement = conn.prepare(
-            "SELECT id, site, url, version, parents, parent_in_use, cache_bytes, cache_bundles,
-                last_seq, last_beacon_at, beacon_ready, beacon_failed, beacon_degraded,
-                check_at, check_answered, check_ready, check_failed, check_degraded,
-                check_failures, check_error, state, state_since, state_reason,
-                check_failing_since
-             FROM relays ORDER BY id",
-        )?;
-        let rows = statement.query_map([], |row| {
-            Ok(RelayRow {
-                id: row.get(0)?,
-                site: row.get(1)?,
-                url: row.get(2)?,
-                version: row.get(3)?,
-                parents: json_list(&row.get::<_, String>(4)?),
-                parent_in_use: row.get(5)?,
-                cache_bytes: row.get::<_, i64>(6)? as u64,
-                cache_bundles: row.get::<_, i64>(7)? as u64,
-                last_seq: row.get::<_, i64>(8)? as u64,
-                last_beacon_at: row.get(9)?,
-                beacon_ready: row.get(10)?,
-                beacon_failed: json_list(&row.get::<_, String>(11)?),
-                beacon_degraded: json_list(&row.get::<_, String>(12)?),
-                check_at: row.get(13)?,
-                check_answered: row.get(14)?,
-                check_ready: row.get(15)?,
-                check_failed: json_list(&row.get::<_, String>(16)?),
-                check_degraded: json_list(&row.get::<_, String>(17)?),
-                check_failures: row.get(18)?,
-                check_error: row.get(19)?,
-                state: row
-                    .get::<_, Option<String>>(20)?
-                    .and_then(|s| RelayState::parse(&s)),
-                state_since: row.get(21)?,
-                state_reason: row.get(22)?,
-                check_failing_since: row.get(23)?,
-            })
-        })?;
+        let mut statement = conn.prepare(&format!("{RELAY_SELECT} ORDER BY id"))?;
+        let rows = statement.query_map([], relay_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Sets a relay's state; a change (or the first state) is added to its history.
-    /// Returns whether it changed.
-    pub fn set_state(
+    /// Sets a relay's state to what `derive` makes of its current row, read in the same
+    /// transaction, so a beacon arriving meanwhile cannot be overwritten by a stale
+    /// verdict. A change, or the first state, is added to its history; it is dated when
+    /// its cause began (as `derive` says), but never before the previous change. Returns
+    /// the state and whether it changed; `None` when there is no such relay or nothing
+    /// was heard from it yet.
+    pub fn update_state<F>(
         &self,
         relay: &str,
-        state: RelayState,
-        reason: &str,
-        at: i64,
-    ) -> Result<bool, StoreError> {
+        derive: F,
+    ) -> Result<Option<(RelayState, String, bool)>, StoreError>
+    where
+        F: FnOnce(&RelayRow) -> Option<(RelayState, String, i64)>,
+    {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let current: Option<Option<String>> = tx
-            .query_row("SELECT state FROM relays WHERE id = ?1", [relay], |r| {
-                r.get(0)
-            })
+        let row = tx
+            .query_row(&format!("{RELAY_SELECT} WHERE id = ?1"), [relay], relay_row)
             .optional()?;
-        let Some(current) = current else {
-            return Ok(false);
+        let Some(row) = row else {
+            return Ok(None);
         };
-        let changed = current.as_deref() != Some(state.as_str());
+        let Some((state, reason, since)) = derive(&row) else {
+            return Ok(None);
+        };
+        let at = since.max(row.state_since.unwrap_or(i64::MIN));
+        let changed = row.state != Some(state);
         if changed {
             tx.execute(
                 "UPDATE relays SET state = ?2, state_since = ?3, state_reason = ?4
@@ -507,24 +518,74 @@ impl Store {
                 "INSERT INTO relay_states (relay, at, state, reason) VALUES (?1, ?2, ?3, ?4)",
                 params![relay, at, state.as_str(), reason],
             )?;
-        } else {
+        } else if row.state_reason != reason {
             tx.execute(
                 "UPDATE relays SET state_reason = ?2 WHERE id = ?1",
                 params![relay, reason],
             )?;
         }
         tx.commit()?;
-        Ok(changed)
+        Ok(Some((state, reason, changed)))
+    }
+
+    /// Deletes served rows and state changes older than `before`, keeping each relay's
+    /// latest state change (the state a later window starts in). Returns rows deleted.
+    pub fn prune(&self, before: i64) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut deleted = tx.execute("DELETE FROM served WHERE at < ?1", [before])?;
+        deleted += tx.execute(
+            "DELETE FROM relay_states WHERE at < ?1
+             AND rowid NOT IN (SELECT MAX(rowid) FROM relay_states GROUP BY relay)",
+            [before],
+        )?;
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// State changes, oldest first; of one relay, or of all.
     pub fn history(&self, relay: Option<&str>) -> Result<Vec<StateChange>, StoreError> {
         let conn = self.conn();
+        let select = "SELECT relay, at, state, reason FROM relay_states";
+        let mut statement = match relay {
+            Some(_) => conn.prepare(&format!("{select} WHERE relay = ?1 ORDER BY at, rowid"))?,
+            None => conn.prepare(&format!("{select} ORDER BY at, rowid"))?,
+        };
+        let map = |row: &rusqlite::Row<'_>| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+            ))
+        };
+        let rows: Vec<_> = match relay {
+            Some(relay) => statement
+                .query_map([relay], map)?
+                .collect::<Result<_, _>>()?,
+            None => statement.query_map([], map)?.collect::<Result<_, _>>()?,
+        };
+        Ok(rows
+            .into_iter()
+            .filter_map(|(relay, at, state, reason)| {
+                Some(StateChange {
+                    relay,
+                    at,
+                    state: RelayState::parse(&state)?,
+                    reason,
+                })
+            })
+            .collect())
+    }
+
+    /// The `limit` latest state changes of all relays, newest first.
+    pub fn recent_changes(&self, limit: usize) -> Result<Vec<StateChange>, StoreError> {
+        let conn = self.conn();
         let mut statement = conn.prepare(
-            "SELECT relay, at, state, reason FROM relay_states
-             WHERE ?1 IS NULL OR relay = ?1 ORDER BY at, rowid",
+            "SELECT relay, at, state, reason FROM relay_states ORDER BY at DESC, rowid DESC
+             LIMIT ?1",
         )?;
-        let rows = statement.query_map([relay], |row| {
+        let rows = statement.query_map([limit as i64], |row| {
             Ok((
                 row.get::<_, String>(0)?,
                 row.get::<_, i64>(1)?,
@@ -581,14 +642,15 @@ impl Store {
         Ok(added)
     }
 
-    /// The reports of one deployment, oldest first.
-    pub fn reports(&self, deployment: &str) -> Result<Vec<ReportRow>, StoreError> {
+    /// The reports of one deployment about its bundle, oldest first (a report naming
+    /// another bundle says nothing about this deployment).
+    pub fn reports(&self, deployment: &str, bundle: &str) -> Result<Vec<ReportRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(
-            "SELECT agent, outcome, detail, at, relay FROM reports WHERE deployment = ?1
-             ORDER BY at",
+            "SELECT agent, outcome, detail, at, relay FROM reports
+             WHERE deployment = ?1 AND bundle = ?2 ORDER BY at",
         )?;
-        let rows = statement.query_map([deployment], |row| {
+        let rows = statement.query_map([deployment, bundle], |row| {
             Ok(ReportRow {
                 agent: row.get(0)?,
                 installed: row.get::<_, String>(1)? == "installed",
@@ -597,16 +659,6 @@ impl Store {
                 relay: row.get(4)?,
             })
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The relays each agent's reports came through (any deployment): agent -> relay.
-    pub fn agent_relays(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        let conn = self.conn();
-        let mut statement = conn.prepare(
-            "SELECT agent, relay FROM reports WHERE relay IS NOT NULL ORDER BY received_at",
-        )?;
-        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -639,6 +691,16 @@ impl Store {
         Ok(())
     }
 
+    /// (id, bundle, deadline) of the deployments whose bundle is not known present.
+    pub fn unsure_bundles(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT id, bundle, deadline FROM deployments WHERE bundle_state != 'present'",
+        )?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Records whether a deployment's bundle exists at the root.
     pub fn set_bundle_state(
         &self,
@@ -653,13 +715,13 @@ impl Store {
         Ok(())
     }
 
-    /// Every deployment, newest first, with its targets.
-    pub fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+    /// The newest `limit` deployments, newest first, with their targets.
+    pub fn deployments(&self, limit: usize) -> Result<Vec<Deployment>, StoreError> {
         let ids: Vec<String> = {
             let conn = self.conn();
             let mut statement =
-                conn.prepare("SELECT id FROM deployments ORDER BY created_at DESC, id")?;
-            let rows = statement.query_map([], |row| row.get(0))?;
+                conn.prepare("SELECT id FROM deployments ORDER BY created_at DESC, id LIMIT ?1")?;
+            let rows = statement.query_map([limit as i64], |row| row.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
         let mut deployments = Vec::with_capacity(ids.len());
@@ -715,28 +777,157 @@ impl Store {
         }))
     }
 
-    /// What each relay served of `bundle` between `from` and `to` (beacon send times).
-    pub fn served(
-        &self,
-        bundle: &str,
-        from: i64,
-        to: i64,
-    ) -> Result<std::collections::HashMap<String, Served>, StoreError> {
+    /// What relays served of `bundle` from `from` on, by minute.
+    pub fn served(&self, bundle: &str, from: i64) -> Result<Vec<ServedRow>, StoreError> {
         let conn = self.conn();
         let mut statement = conn.prepare(
-            "SELECT relay, SUM(completed), SUM(failed), SUM(integrity) FROM served
-             WHERE bundle = ?1 AND at >= ?2 AND at <= ?3 GROUP BY relay",
+            "SELECT relay, at, completed, failed, integrity FROM served
+             WHERE bundle = ?1 AND at >= ?2 ORDER BY at",
         )?;
-        let rows = statement.query_map(params![bundle, from, to], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                Served {
-                    completed: row.get::<_, i64>(1)? as u64,
-                    failed: row.get::<_, i64>(2)? as u64,
-                    integrity: row.get::<_, i64>(3)? as u64,
-                },
-            ))
+        let rows = statement.query_map(params![bundle, from], |row| {
+            Ok(ServedRow {
+                relay: row.get(0)?,
+                at: row.get(1)?,
+                completed: row.get::<_, i64>(2)? as u64,
+                failed: row.get::<_, i64>(3)? as u64,
+                integrity: row.get::<_, i64>(4)? as u64,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+const RELAY_SELECT: &str = "SELECT id, site, url, version, parents, parent_in_use, cache_bytes,
+    cache_bundles, last_seq, last_beacon_at, beacon_ready, beacon_failed, beacon_degraded,
+    check_at, check_answered, check_ready, check_failed, check_degraded, check_failures,
+    check_error, state, state_since, state_reason, check_failing_since FROM relays";
+
+fn relay_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RelayRow> {
+    Ok(RelayRow {
+        id: row.get(0)?,
+        site: row.get(1)?,
+        url: row.get(2)?,
+        version: row.get(3)?,
+        parents: json_list(&row.get::<_, String>(4)?),
+        parent_in_use: row.get(5)?,
+        cache_bytes: row.get::<_, i64>(6)? as u64,
+        cache_bundles: row.get::<_, i64>(7)? as u64,
+        last_seq: row.get::<_, i64>(8)? as u64,
+        last_beacon_at: row.get(9)?,
+        beacon_ready: row.get(10)?,
+        beacon_failed: json_list(&row.get::<_, String>(11)?),
+        beacon_degraded: json_list(&row.get::<_, String>(12)?),
+        check_at: row.get(13)?,
+        check_answered: row.get(14)?,
+        check_ready: row.get(15)?,
+        check_failed: json_list(&row.get::<_, String>(16)?),
+        check_degraded: json_list(&row.get::<_, String>(17)?),
+        check_failures: row.get(18)?,
+        check_error: row.get(19)?,
+        state: row
+            .get::<_, Option<String>>(20)?
+            .and_then(|s| RelayState::parse(&s)),
+        state_since: row.get(21)?,
+        state_reason: row.get(22)?,
+        check_failing_since: row.get(23)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::beacon::{Counters, Downloads};
+
+    fn beacon(relay: &str, url: &str, seq: u64, at_ms: i64) -> Beacon {
+        let mut since_last = Counters::default();
+        since_last.downloads.insert(
+            "b1".into(),
+            Downloads {
+                completed: 2,
+                failed: 1,
+            },
+        );
+        Beacon {
+            relay: relay.into(),
+            site: "lyon".into(),
+            url: url.into(),
+            version: "0.1.0".into(),
+            seq,
+            sent_at: chrono::DateTime::from_timestamp_millis(at_ms).unwrap(),
+            uptime_seconds: 1,
+            parents: vec![],
+            parent_in_use: None,
+            cache_bytes: 0,
+            cache_bundles: 0,
+            upstream: vec![],
+            ready: true,
+            failed: vec![],
+            degraded: vec![],
+            since_last,
+        }
+    }
+
+    #[test]
+    fn a_relay_known_by_url_takes_its_name_and_keeps_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let url = "http://10.0.0.7:7420";
+        store.ensure_configured(url).unwrap();
+        store
+            .record_check(url, &CheckResult::Failed("refused".into()), 1_000)
+            .unwrap();
+        let down = |_: &RelayRow| Some((RelayState::Down, "checks".to_string(), 1_000));
+        store.update_state(url, down).unwrap();
+
+        let answer = CheckResult::Answered {
+            relay: "lyon-1".into(),
+            ready: true,
+            failed: vec![],
+            degraded: vec![],
+        };
+        store.record_check(url, &answer, 2_000).unwrap();
+        let relays = store.relays().unwrap();
+        assert_eq!(relays.len(), 1, "{relays:?}");
+        assert_eq!(
+            (relays[0].id.as_str(), relays[0].url.as_str()),
+            ("lyon-1", url)
+        );
+        assert_eq!(relays[0].check_failures, 0);
+        assert_eq!(
+            store.history(Some("lyon-1")).unwrap().len(),
+            1,
+            "history moved"
+        );
+
+        // A beacon from the same relay updates the row; an old sequence is refused, also
+        // after reopening the database.
+        store
+            .record_beacon(&beacon("lyon-1", url, 10, 60_500), 3_000)
+            .unwrap();
+        store
+            .record_beacon(&beacon("lyon-1", url, 11, 61_000), 3_100)
+            .unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let old = store.record_beacon(&beacon("lyon-1", url, 11, 62_000), 3_200);
+        assert!(matches!(old, Err(StoreError::OldBeacon { last: 11, .. })));
+        assert_eq!(store.relays().unwrap().len(), 1);
+
+        // Both beacons fell in the same minute: one served row, summed.
+        let served = store.served("b1", 0).unwrap();
+        assert_eq!(served.len(), 1);
+        assert_eq!(
+            (served[0].at, served[0].completed, served[0].failed),
+            (60_000, 4, 2)
+        );
+
+        // Pruning drops old rows but keeps each relay's latest state.
+        let up = |_: &RelayRow| Some((RelayState::Up, "ok".to_string(), 5_000));
+        store.update_state("lyon-1", up).unwrap();
+        assert!(store.prune(100_000).unwrap() >= 2);
+        assert!(store.served("b1", 0).unwrap().is_empty());
+        let history = store.history(Some("lyon-1")).unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].state, RelayState::Up);
     }
 }
