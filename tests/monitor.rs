@@ -543,9 +543,23 @@ async fn beacons_and_reports_are_checked_like_a_relay_parent_does() {
     let (status, _) = http("GET", &url, None, Value::Null).await;
     assert_eq!(status, 405);
 
+    // A relay on a newer version makes the older one stand out: it must be updated.
+    let mut newer: Value = serde_json::from_str(&beacon(1, Utc::now())).unwrap();
+    newer["relay"] = "edge-2".into();
+    newer["version"] = "0.10.0".into();
+    let newer = newer.to_string();
+    assert_eq!(post(newer.clone(), sign(&newer), true).await, 202);
     let relays = get(&format!("{base}/v1/relays")).await;
     assert_eq!(relays[0]["id"], "edge-1");
     assert_eq!(relays[0]["site"], "paris");
+    assert_eq!(relays[0]["outdated"], true, "0.1.0 < 0.10.0");
+    assert_eq!(relays[1]["outdated"], false);
+    let page = TestClient::default().get(&format!("{base}/")).await;
+    let html = String::from_utf8_lossy(page.bytes()).to_string();
+    assert!(
+        html.contains("v0.1.0 <span class=\"badge b-old\">outdated</span>"),
+        "{html}"
+    );
     monitor.shutdown().await;
 }
 
