@@ -1,0 +1,39 @@
+//! A small fleet (1 root, 3 regional, 9 branch relays, 500 agents) with relay faults and
+//! failing agents: the monitor's attribution matches the ground truth, and every healthy
+//! relay pulled one copy of each bundle. The full run is `cargo bench --bench fleet`.
+
+#[path = "../benches/fleet/sim.rs"]
+mod sim;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_fleet_is_attributed_right_and_pulls_one_copy_per_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = sim::FleetConfig::small();
+    let result = sim::run(&config, dir.path()).await;
+    let table = result.render();
+    println!("{table}");
+
+    let one_copy = (config.bundle_size * config.bundles) as u64;
+    assert_eq!(
+        result.origin_bytes, one_copy,
+        "the origin sent one copy: {table}"
+    );
+    assert!(
+        result.copy_violations.is_empty(),
+        "{:?}\n{table}",
+        result.copy_violations
+    );
+    assert_eq!(result.relay_called_agent, 0, "{table}");
+    assert!(result.accuracy() >= 0.99, "{table}");
+    // Every kind of failure was there to be judged.
+    for class in ["relay", "agent", "policy"] {
+        let judged: usize = result
+            .confusion
+            .iter()
+            .filter(|((truth, _), _)| truth == class)
+            .map(|(_, n)| n)
+            .sum();
+        assert!(judged > 0, "no {class} failures in the run: {table}");
+    }
+    assert!(result.reports_posted > 0);
+}
