@@ -29,8 +29,10 @@ use crate::fill::FillState;
 /// The body type of every response the relay sends.
 pub type ResponseBody = BoxBody<Bytes, io::Error>;
 
-/// Size of one read from the bundle file.
-pub const READ_CHUNK: usize = 128 * 1024;
+/// Size of one read from the bundle file (at most; less when a fill has written less).
+/// Larger reads mean fewer hand-offs to the blocking pool per byte, at the cost of
+/// memory per download.
+pub const READ_CHUNK: usize = 256 * 1024;
 
 /// Whether the file is complete or still being written by a fill.
 #[derive(Debug)]
@@ -65,6 +67,7 @@ pub fn file_range(
         file,
         pos: start,
         end,
+        fresh: matches!(progress, Progress::Live(_)),
         progress,
         _lease: lease,
     };
@@ -79,6 +82,10 @@ struct RangeReader {
     file: Arc<File>,
     pos: u64,
     end: u64,
+    /// The bytes were written by a fill during this response, so they are in the page
+    /// cache: read them on the async thread (a read from memory), not through the
+    /// blocking pool, whose hand-off costs more than the read.
+    fresh: bool,
     progress: Progress,
     _lease: Lease,
 }
@@ -99,13 +106,14 @@ impl RangeReader {
 
         let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
         let (file, pos) = (self.file.clone(), self.pos);
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, pos)?;
-            Ok::<_, io::Error>(Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let read = if self.fresh {
+            read_chunk(&file, pos, len)
+        } else {
+            // A cached bundle may have left memory: a read may wait for the disk.
+            tokio::task::spawn_blocking(move || read_chunk(&file, pos, len))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+        };
 
         match read {
             Ok(bytes) => {
@@ -152,6 +160,51 @@ impl RangeReader {
             if rx.changed().await.is_err() {
                 return Err(io::Error::other("fill ended without an outcome"));
             }
+        }
+    }
+}
+
+/// Reads `len` bytes at `pos` into a pooled buffer.
+fn read_chunk(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = Pooled(pool_take());
+    file.read_exact_at(&mut buf.0[..len], pos)?;
+    buf.0.truncate(len);
+    Ok(Bytes::from_owner(buf))
+}
+
+/// Read buffers of [`READ_CHUNK`] bytes, initialized once and kept for reuse. A fresh
+/// buffer this size comes from mmap and costs a page fault and a zeroed page per 4 KiB
+/// (plus zeroing for `read_exact_at` and unmapping on free): more than the read itself.
+/// At most [`POOL_MAX`] idle buffers (32 MiB) are kept.
+static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+const POOL_MAX: usize = 128;
+
+fn pool_take() -> Vec<u8> {
+    let reused = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    reused.unwrap_or_else(|| vec![0u8; READ_CHUNK])
+}
+
+/// A pooled buffer handed to hyper inside a `Bytes`; back to the pool when hyper has
+/// written and dropped it.
+struct Pooled(Vec<u8>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.0);
+        if buf.capacity() != READ_CHUNK {
+            return;
+        }
+        // Only a last, short chunk was truncated: this zeroes just its tail.
+        buf.resize(READ_CHUNK, 0);
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(buf);
         }
     }
 }
