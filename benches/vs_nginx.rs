@@ -8,15 +8,16 @@
 //!
 //! Scenarios: hot hits (64 clients re-fetching a cached 64 MiB bundle), cold fan-out (200
 //! clients asking a 3-tier chain's leaf for one cold 512 MiB bundle at once, against one
-//! client alone), many small (1 MiB bundles at 64 connections), resume (clients that drop
-//! at random offsets and resume with Range, through a cold 3-tier chain).
+//! client alone), one cold client through 1, 2 and 3 tiers, many small (1 MiB bundles at
+//! 64 connections), resume (clients that drop at random offsets and resume with Range,
+//! through a cold 3-tier chain).
 //!
 //! Run: `cargo bench --bench vs_nginx` (installs Debian's nginx when missing; needs root
 //! for that). Knobs: PATCHRELAY_VS_SECONDS (length of the timed scenarios, default 10),
 //! PATCHRELAY_VS_FANOUT_MIB (default 512), PATCHRELAY_VS_FANOUT_CLIENTS (default 200),
 //! PATCHRELAY_VS_DIR (scratch directory; needs about 8 times the fan-out size),
-//! PATCHRELAY_VS_ONLY (run the scenarios whose name contains this: hot, small, fan, resume;
-//! for profiling one).
+//! PATCHRELAY_VS_ONLY (run the scenarios whose name contains this: hot, small, fan, tiers,
+//! resume; for profiling one).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -485,6 +486,13 @@ async fn many_small(chain: &dyn Chain, ids: &[String], seconds: u64) -> Figures 
     }
 }
 
+/// Bounds a scenario's time: a hung system fails the run instead of stalling it.
+async fn bounded<F: std::future::Future>(scenario: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(900), scenario)
+        .await
+        .expect("a scenario took more than 15 minutes")
+}
+
 /// `clients` at once for one cold bundle; the seconds until the last has every byte.
 async fn cold_fan_out(chain: &dyn Chain, id: &str, clients: usize) -> (Duration, Vec<Duration>) {
     let url = format!("{}/v1/bundles/{id}", chain.leaf_url());
@@ -594,10 +602,10 @@ fn main() {
     // 1. Hot hits on one relay.
     if run("hot") {
         let relay = relay_chain(dir.path(), 1, &origin);
-        let r = runtime.block_on(hot_hits(&relay, &hot, seconds));
+        let r = runtime.block_on(bounded(hot_hits(&relay, &hot, seconds)));
         drop(relay);
         let proxy = nginx_chain(&binary, dir.path(), 1, &origin);
-        let n = runtime.block_on(hot_hits(&proxy, &hot, seconds));
+        let n = runtime.block_on(bounded(hot_hits(&proxy, &hot, seconds)));
         drop(proxy);
         row(
             &mut notes,
@@ -612,10 +620,10 @@ fn main() {
     // 2. Many small bundles.
     if run("small") {
         let relay = relay_chain(dir.path(), 1, &origin);
-        let r = runtime.block_on(many_small(&relay, &small, seconds));
+        let r = runtime.block_on(bounded(many_small(&relay, &small, seconds)));
         drop(relay);
         let proxy = nginx_chain(&binary, dir.path(), 1, &origin);
-        let n = runtime.block_on(many_small(&proxy, &small, seconds));
+        let n = runtime.block_on(bounded(many_small(&proxy, &small, seconds)));
         drop(proxy);
         row(
             &mut notes,
@@ -640,8 +648,11 @@ fn main() {
             } else {
                 Box::new(nginx_chain(&binary, dir.path(), 3, &origin))
             };
-            let (last, times) =
-                runtime.block_on(cold_fan_out(chain.as_ref(), fan_id, fanout_clients));
+            let (last, times) = runtime.block_on(bounded(cold_fan_out(
+                chain.as_ref(),
+                fan_id,
+                fanout_clients,
+            )));
             let origin_bytes = origin.origin_sent() - before;
             let peaks = chain.peaks();
             drop(chain);
@@ -650,7 +661,7 @@ fn main() {
             } else {
                 Box::new(nginx_chain(&binary, dir.path(), 3, &origin))
             };
-            let (alone, _) = runtime.block_on(cold_fan_out(chain.as_ref(), single_id, 1));
+            let (alone, _) = runtime.block_on(bounded(cold_fan_out(chain.as_ref(), single_id, 1)));
             drop(chain);
             fan.push(Figures {
                 main: last.as_secs_f64(),
@@ -669,6 +680,40 @@ fn main() {
         row(&mut notes, &scenario, "s to last", false, &fan[0], &fan[1]);
     }
 
+    // 3b. One client, one cold bundle, through 1, 2 and 3 tiers: what each hop costs.
+    if run("tiers") {
+        for tiers in 1..=3 {
+            let mut tier_figures = Vec::new();
+            for system in ["patchrelay", "nginx"] {
+                let id = write_bundle(&files, &format!("tiers {tiers} {system}"), fanout_mib << 20);
+                let before = origin.origin_sent();
+                let chain: Box<dyn Chain> = if system == "patchrelay" {
+                    Box::new(relay_chain(dir.path(), tiers, &origin))
+                } else {
+                    Box::new(nginx_chain(&binary, dir.path(), tiers, &origin))
+                };
+                let (took, _) = runtime.block_on(bounded(cold_fan_out(chain.as_ref(), &id, 1)));
+                tier_figures.push(Figures {
+                    main: took.as_secs_f64(),
+                    p50: Duration::ZERO,
+                    p99: Duration::ZERO,
+                    origin_bytes: origin.origin_sent() - before,
+                    peaks: chain.peaks(),
+                    note: String::new(),
+                });
+            }
+            let scenario = format!("cold, 1 client, {fanout_mib} MiB, {tiers} tier(s)");
+            row(
+                &mut notes,
+                &scenario,
+                "s",
+                false,
+                &tier_figures[0],
+                &tier_figures[1],
+            );
+        }
+    }
+
     // 4. Resume with Range through a cold three-tier chain.
     let mut resumed = Vec::new();
     if run("resume") {
@@ -679,7 +724,7 @@ fn main() {
             } else {
                 Box::new(nginx_chain(&binary, dir.path(), 3, &origin))
             };
-            let (took, ok) = runtime.block_on(resume(chain.as_ref(), id, 64 << 20, 32));
+            let (took, ok) = runtime.block_on(bounded(resume(chain.as_ref(), id, 64 << 20, 32)));
             resumed.push(Figures {
                 main: took.as_secs_f64(),
                 p50: Duration::ZERO,
