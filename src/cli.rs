@@ -1,4 +1,4 @@
-//! The command line: `patchrelay serve`, `publish`, `cache` and `monitor`.
+//! The command line: `patchrelay serve`, `check`, `publish`, `cache` and `monitor`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,6 +27,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Check a relay config (keys, units, paths, secrets) without starting; exits 2 with
+    /// `file:line: key: message` lines if anything is wrong.
+    Check {
+        /// The relay's config file.
+        #[arg(short, long, default_value = "relay.toml")]
+        config: PathBuf,
+    },
     /// Run a relay until SIGTERM or Ctrl-C.
     Serve {
         /// The relay's config file.
@@ -77,6 +84,7 @@ pub enum Command {
 /// Runs the parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Check { config } => check(&config),
         Command::Serve { config } => serve(&config),
         Command::Publish {
             config,
@@ -107,8 +115,44 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Loads `path` and runs the preflight checks; prints every problem.
+fn load_checked(path: &Path) -> Result<Config, ExitCode> {
+    let config = load(path)?;
+    let problems = crate::config::preflight(&config);
+    for problem in &problems {
+        eprintln!("patchrelay: {problem}");
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ExitCode::from(2))
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load_checked(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok (relay {}, site {}, listen {}, {} parent(s){})",
+                path.display(),
+                config.relay.id,
+                config.relay.site,
+                config.relay.listen,
+                config.upstream.parents.len(),
+                if config.upstream.origin.is_some() {
+                    ", origin"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
 fn serve(path: &Path) -> ExitCode {
-    let config = match load(path) {
+    let config = match load_checked(path) {
         Ok(config) => config,
         Err(code) => return code,
     };

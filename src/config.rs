@@ -16,7 +16,9 @@ use toml::Spanned;
 
 use crate::bundle::BundleId;
 
+mod check;
 mod limits;
+pub use check::preflight;
 pub use limits::{Caps, LimitsConfig, TimeZone, Window};
 
 /// A validated relay configuration.
@@ -60,10 +62,7 @@ impl BeaconConfig {
         let Some(path) = &self.key_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_secret(path, "beacon.key_file")?;
         let invalid = || ConfigError::Invalid {
             path: path.display().to_string(),
             line: 1,
@@ -73,6 +72,35 @@ impl BeaconConfig {
         let hash = blake3::Hash::from_hex(text.trim()).map_err(|_| invalid())?;
         Ok(Some(*hash.as_bytes()))
     }
+}
+
+/// Reads a secret (a token or key file), refusing one that every user of the machine may
+/// read or write: a secret anyone can read authenticates nobody.
+pub fn read_secret(path: &Path, key: &str) -> Result<String, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let read_error = |source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let mode = std::fs::metadata(path)
+        .map_err(read_error)?
+        .permissions()
+        .mode();
+    if mode & 0o006 != 0 {
+        return Err(ConfigError::Invalid {
+            path: path.display().to_string(),
+            line: 1,
+            key: key.to_string(),
+            message: format!(
+                "this secret is readable or writable by every user (mode {:o}); run \
+                 `chmod 600 {}` (or 640 with a group the service runs as)",
+                mode & 0o7777,
+                path.display()
+            ),
+        });
+    }
+    std::fs::read_to_string(path).map_err(read_error)
 }
 
 /// `[monitor]`: the upward channel for agent reports.
@@ -116,10 +144,7 @@ impl AdminConfig {
         let Some(path) = &self.token_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_secret(path, "admin.token_file")?;
         let token = text.trim();
         if token.len() < 16 {
             return Err(ConfigError::Invalid {
@@ -860,5 +885,42 @@ stall_timeout = "1m"
             err.contains("upstream.connect_timeout: must be longer than zero"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn secrets_every_user_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "a-token-of-more-than-16-chars\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let admin = AdminConfig {
+            token_file: Some(path.clone()),
+        };
+        let err = admin.read_token().unwrap_err().to_string();
+        assert!(err.contains("admin.token_file"), "{err}");
+        assert!(err.contains("mode 644"), "{err}");
+        assert!(err.contains("chmod 600"), "{err}");
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(
+            admin.read_token().unwrap().as_deref(),
+            Some("a-token-of-more-than-16-chars")
+        );
+
+        let key = dir.path().join("beacon.key");
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let beacon = BeaconConfig {
+            interval: Duration::from_secs(30),
+            key_file: Some(key),
+            max_skew: Duration::from_secs(300),
+        };
+        assert!(beacon
+            .read_key()
+            .unwrap_err()
+            .to_string()
+            .contains("beacon.key_file"));
     }
 }

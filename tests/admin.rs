@@ -16,7 +16,7 @@ const TOKEN: &str = "s3cret-admin-token-0123456789";
 /// A config for relay `edge` with `[admin]` and a cached, unpinned bundle from an origin;
 /// `listen` and `relay_extra` are put in [relay].
 fn config_text(dir: &Path, listen: &str, origin: &str, relay_extra: &str) -> String {
-    std::fs::write(dir.join("admin.token"), format!("{TOKEN}\n")).unwrap();
+    write_secret(&dir.join("admin.token"), format!("{TOKEN}\n"));
     format!(
         "[relay]\nid = \"edge\"\nsite = \"test\"\nlisten = \"{listen}\"\n\
          cache_dir = \"edge-cache\"\n{relay_extra}\n[upstream]\norigin = \"{origin}\"\n\

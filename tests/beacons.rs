@@ -19,11 +19,10 @@ use tokio::net::TcpListener;
 const KEY: [u8; 32] = [7u8; 32];
 
 fn write_key(dir: &std::path::Path) {
-    std::fs::write(
-        dir.join("beacon.key"),
+    write_secret(
+        &dir.join("beacon.key"),
         blake3::Hash::from(KEY).to_hex().as_str(),
-    )
-    .unwrap();
+    );
 }
 
 /// Every (signature, body) POSTed to a capture server.

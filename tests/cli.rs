@@ -296,3 +296,70 @@ fn publish_with_manifest_sets_the_patch_cycle() {
         Some("2026-12-08T06:00:00Z".parse().unwrap())
     );
 }
+
+#[test]
+fn check_validates_a_config_without_starting_and_serve_runs_the_same_checks() {
+    let run = |args: &[&str], config: &Path| {
+        Command::new(BIN)
+            .args(args)
+            .arg("-c")
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+
+    // The checked-in example passes.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml");
+    let out = run(&["check"], &example);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (relay hq-root, site hq"));
+
+    // A token every user can read: refused by check and by serve, with the fix.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[relay]\nid = \"r\"\nsite = \"s\"\nlisten = \"127.0.0.1:0\"\ncache_dir = \"c\"\n\
+         [admin]\ntoken_file = \"admin.token\"\n",
+    )
+    .unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "a-long-enough-admin-token\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    for command in ["check", "serve"] {
+        let out = run(&[command], &config);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("admin.token_file"), "{command}: {stderr}");
+        assert!(stderr.contains("chmod 600"), "{command}: {stderr}");
+        assert!(
+            !stderr.contains("a-long-enough-admin-token"),
+            "never print a secret"
+        );
+    }
+    write_secret(&token, "a-long-enough-admin-token\n");
+    assert_eq!(run(&["check"], &config).status.code(), Some(0));
+
+    // A bad unit names the file, line and key.
+    std::fs::write(
+        &config,
+        "[relay]\nid = \"r\"\nsite = \"s\"\nlisten = \"127.0.0.1:0\"\ncache_dir = \"c\"\n\
+         [limits]\ndownstream = \"fast\"\n",
+    )
+    .unwrap();
+    let out = run(&["check"], &config);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:7: limits.downstream:", config.display())),
+        "{stderr}"
+    );
+}

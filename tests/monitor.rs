@@ -25,8 +25,8 @@ const TOKEN: &str = "monitor-admin-token-0123456789";
 /// Writes the beacon key and admin token into `dir`.
 fn write_secrets(dir: &Path) {
     let key = blake3::Hash::from(KEY).to_hex();
-    std::fs::write(dir.join("beacon.key"), key.as_str()).unwrap();
-    std::fs::write(dir.join("admin.token"), TOKEN).unwrap();
+    write_secret(&dir.join("beacon.key"), key.as_str());
+    write_secret(&dir.join("admin.token"), TOKEN);
 }
 
 /// Writes `monitor.toml` into `dir` (listening on `port`, 0 = any) and loads it.

@@ -86,7 +86,7 @@ async fn a_thousand_reports_reach_the_monitor_across_relay_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
     // The tree shares a key, so reports are signed and checked on every relay-to-relay hop.
-    std::fs::write(dir.path().join("tree.key"), "ab".repeat(32)).unwrap();
+    write_secret(&dir.path().join("tree.key"), "ab".repeat(32));
     let key = "[beacon]\nkey_file = \"tree.key\"\ninterval = \"1h\"\n";
     let monitor = format!("{key}[monitor]\nurl = \"http://{}\"\n", receiver.addr);
     let root_config = relay_config_with("root", dir.path(), &[], None, &monitor);

@@ -435,6 +435,14 @@ pub fn cpu_seconds() -> f64 {
 const KEY: [u8; 32] = [0x5a; 32];
 const TOKEN: &str = "fleet-simulation-admin-token";
 
+/// Writes a secret readable by its owner only, as relays require.
+fn write_secret(path: &Path, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+
+    std::fs::write(path, contents).expect("write secret");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
 /// A relay's config text.
 fn relay_toml(
     id: &str,
@@ -524,12 +532,11 @@ pub async fn run(config: &FleetConfig, dir: &Path) -> FleetResult {
     let started = Instant::now();
     let cpu_before = cpu_seconds();
     let mut rng = Rng::new(config.seed);
-    std::fs::write(
-        dir.join("beacon.key"),
+    write_secret(
+        &dir.join("beacon.key"),
         blake3::Hash::from(KEY).to_hex().as_str(),
-    )
-    .expect("write key");
-    std::fs::write(dir.join("admin.token"), TOKEN).expect("write token");
+    );
+    write_secret(&dir.join("admin.token"), TOKEN);
 
     // The monitor.
     let monitor_toml = "[monitor]\nid = \"fleet-monitor\"\nlisten = \"127.0.0.1:0\"\n\

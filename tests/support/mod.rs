@@ -561,3 +561,11 @@ where
         }
     })
 }
+
+/// Writes a secret (token or key file) readable by its owner only, as relays require.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+
+    std::fs::write(path, contents).expect("write secret");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
