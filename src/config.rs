@@ -41,6 +41,39 @@ pub struct Config {
     pub monitor: MonitorConfig,
     /// `[beacon]`: signed health beacons.
     pub beacon: BeaconConfig,
+    /// `[server]`: connection and resource limits of the listener.
+    pub server: ServerConfig,
+}
+
+/// `[server]`: limits that keep hostile or broken clients from exhausting the relay. Over
+/// a limit the relay answers 503 with `Retry-After` instead of falling over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Open client connections in all. Default 4096.
+    pub max_connections: usize,
+    /// Open connections from one client address. Default 512: above a child relay's
+    /// `max_fills` (each fill is one connection to its parent) plus its probes.
+    pub max_connections_per_client: usize,
+    /// Time a client has to send a request's headers, counted from the connection's start
+    /// or the end of its previous response, so it also closes idle keep-alive connections
+    /// (slowloris). Default 20 s.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers); larger gets 431. Default 16 KiB.
+    pub max_header_size: usize,
+    /// Fills running at once; a request that would start one more gets 503. Default 256.
+    pub max_fills: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_connections_per_client: 512,
+            header_timeout: Duration::from_secs(20),
+            max_header_size: 16 * 1024,
+            max_fills: 256,
+        }
+    }
 }
 
 /// `[beacon]`: signed health beacons, sent up the same way as reports.
@@ -271,6 +304,7 @@ struct RawConfig {
     health: Option<RawHealth>,
     monitor: Option<RawMonitor>,
     beacon: Option<RawBeacon>,
+    server: Option<RawServer>,
 }
 
 #[derive(Deserialize)]
@@ -286,6 +320,16 @@ struct RawBeacon {
 struct RawMonitor {
     url: Option<Spanned<String>>,
     spool_max: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_connections: Option<Spanned<usize>>,
+    max_connections_per_client: Option<Spanned<usize>>,
+    header_timeout: Option<Spanned<String>>,
+    max_header_size: Option<Spanned<String>>,
+    max_fills: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -406,6 +450,10 @@ impl Config {
                 max_skew: ctx.duration("beacon.max_skew", raw.max_skew, DEFAULT_MAX_SKEW)?,
             },
         };
+        let server = match raw.server {
+            None => ServerConfig::default(),
+            Some(raw) => ctx.server(raw)?,
+        };
         let admin = AdminConfig {
             token_file: raw.admin.and_then(|a| a.token_file).and_then(|file| {
                 let file = file.into_inner();
@@ -422,6 +470,7 @@ impl Config {
             health_interval,
             monitor,
             beacon,
+            server,
         })
     }
 
@@ -530,6 +579,45 @@ impl Ctx<'_> {
             scrub_interval,
             advertise_url,
         })
+    }
+
+    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+        let mut server = ServerConfig::default();
+        for (key, value, slot) in [
+            (
+                "server.max_connections",
+                raw.max_connections,
+                &mut server.max_connections,
+            ),
+            (
+                "server.max_connections_per_client",
+                raw.max_connections_per_client,
+                &mut server.max_connections_per_client,
+            ),
+            ("server.max_fills", raw.max_fills, &mut server.max_fills),
+        ] {
+            if let Some(value) = value {
+                if *value.get_ref() == 0 {
+                    return Err(self.invalid(key, &value, "must be at least 1".into()));
+                }
+                *slot = value.into_inner();
+            }
+        }
+        server.header_timeout = self.duration(
+            "server.header_timeout",
+            raw.header_timeout,
+            server.header_timeout,
+        )?;
+        if let Some(size) = &raw.max_header_size {
+            let bytes = crate::units::parse_size(size.get_ref())
+                .map_err(|m| self.invalid("server.max_header_size", size, m))?;
+            if !(1024..=1024 * 1024).contains(&bytes) {
+                let msg = "must be between 1 KiB and 1 MiB".to_string();
+                return Err(self.invalid("server.max_header_size", size, msg));
+            }
+            server.max_header_size = bytes as usize;
+        }
+        Ok(server)
     }
 
     fn monitor(&self, raw: RawMonitor) -> Result<MonitorConfig, ConfigError> {
@@ -922,5 +1010,32 @@ stall_timeout = "1m"
             .unwrap_err()
             .to_string()
             .contains("beacon.key_file"));
+    }
+
+    #[test]
+    fn server_limits_parse_and_bad_ones_name_their_line() {
+        let config = parse(&format!(
+            "{GOOD}\n[server]\nmax_connections = 100\nmax_connections_per_client = 10\n\
+             header_timeout = \"5s\"\nmax_header_size = \"8 KiB\"\nmax_fills = 3\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.server,
+            ServerConfig {
+                max_connections: 100,
+                max_connections_per_client: 10,
+                header_timeout: Duration::from_secs(5),
+                max_header_size: 8192,
+                max_fills: 3,
+            }
+        );
+        assert_eq!(parse(GOOD).unwrap().server, ServerConfig::default());
+        let err = error_text(&format!("{GOOD}\n[server]\nmax_fills = 0\n"));
+        assert!(
+            err.contains("server.max_fills: must be at least 1"),
+            "{err}"
+        );
+        let err = error_text(&format!("{GOOD}\n[server]\nmax_header_size = \"10 MiB\"\n"));
+        assert!(err.contains("server.max_header_size"), "{err}");
     }
 }

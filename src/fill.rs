@@ -135,6 +135,8 @@ pub enum Joined {
     Cached,
     /// Follow this fill; `started` when this call started it.
     Fill { fill: Arc<Fill>, started: bool },
+    /// Starting it would exceed `[server] max_fills`; nothing was started.
+    Busy { max: usize },
 }
 
 /// The registry of running fills.
@@ -146,9 +148,16 @@ pub struct Fills {
     upstream: Arc<Upstream>,
     limits: Arc<Limits>,
     stats: Arc<Stats>,
+    /// Most fills running at once (`[server] max_fills`); 0 = no limit.
+    max_fills: std::sync::atomic::AtomicUsize,
 }
 
 impl Fills {
+    /// Sets the most fills that may run at once (0 = no limit).
+    pub fn set_max_fills(&self, max: usize) {
+        self.max_fills.store(max, Ordering::Relaxed);
+    }
+
     pub fn new(
         cache: Arc<Cache>,
         upstream: Arc<Upstream>,
@@ -162,6 +171,7 @@ impl Fills {
             upstream,
             limits,
             stats,
+            max_fills: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -201,6 +211,10 @@ impl Fills {
         }
         if self.cache.contains(&id) {
             return Ok(Joined::Cached);
+        }
+        let max = self.max_fills.load(Ordering::Relaxed);
+        if max > 0 && running.len() >= max {
+            return Ok(Joined::Busy { max });
         }
 
         let temp = self.cache.create_fill_file(&id)?;

@@ -146,9 +146,14 @@ impl Monitor {
         let handler: Handler = Arc::new(move |client, request| {
             Box::pin(handle(handler_state.clone(), client, request))
         });
+        let limits = server::ConnectionLimits {
+            id: config.id.clone(),
+            ..server::ConnectionLimits::default()
+        };
         let server = tokio::spawn(server::accept_loop(
             listener,
             handler,
+            limits,
             stopped,
             Duration::from_secs(5),
         ));

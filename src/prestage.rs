@@ -156,6 +156,8 @@ impl Prestage {
                 fill,
                 started: true,
             }) => fill,
+            // Every fill slot is taken: the next round tries again.
+            Ok(Joined::Busy { .. }) => return,
             Err(e) => {
                 warn!(bundle.id = %entry.id, error = %e, "cannot start a pre-staging fill");
                 return;

@@ -124,6 +124,7 @@ impl Relay {
             limits.clone(),
             stats.clone(),
         );
+        fills.set_max_fills(config.server.max_fills);
         let prestage_status = Arc::new(Mutex::new(PrestageStatus {
             manifest_version: manifest.version,
             ..PrestageStatus::default()
@@ -185,7 +186,17 @@ impl Relay {
 
         let (stop, stopped) = watch::channel(false);
         let grace = config.relay.shutdown_grace;
-        let server = tokio::spawn(server::run(listener, state.clone(), stopped.clone(), grace));
+        let connection_limits = server::ConnectionLimits {
+            id: config.relay.id.clone(),
+            ..server::ConnectionLimits::from(&config.server)
+        };
+        let server = tokio::spawn(server::run(
+            listener,
+            state.clone(),
+            connection_limits,
+            stopped.clone(),
+            grace,
+        ));
         let schedule = tokio::spawn(limits.run_schedule(async move {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|stop| *stop).await;

@@ -131,6 +131,8 @@ pub enum ApiError {
     },
     #[error("{0}")]
     NotFound(String),
+    #[error("{max} bundles are being fetched already ([server] max_fills); retry shortly")]
+    FillsBusy { max: usize },
     #[error(transparent)]
     Fill(#[from] FillError),
     #[error(transparent)]
@@ -185,7 +187,9 @@ impl ApiError {
             Self::Forbidden | Self::BadSignature => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Limited(_) | Self::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Limited(_) | Self::SpoolFull | Self::FillsBusy { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -239,6 +243,7 @@ impl ApiError {
             }
             Self::Unauthorized => builder = builder.header(WWW_AUTHENTICATE, "Bearer"),
             Self::SpoolFull => builder = builder.header(RETRY_AFTER, 30),
+            Self::FillsBusy { .. } => builder = builder.header(RETRY_AFTER, 5),
             Self::Limited(refusal) => {
                 builder = builder.header(RETRY_AFTER, refusal.retry_after_secs())
             }
@@ -469,6 +474,7 @@ async fn serve_bundle(
     })?;
     let (fill, started) = match joined {
         Joined::Fill { fill, started } => (fill, started),
+        Joined::Busy { max } => return Err(ApiError::FillsBusy { max }),
         Joined::Cached => {
             return serve_cached(state, &request)
                 .await?
@@ -621,22 +627,149 @@ pub type Handler = Arc<
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
+    limits: ConnectionLimits,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let handler: Handler = Arc::new(move |client, request| {
         Box::pin(handle(state.clone(), client, request)) as BoxFuture<'static, _>
     });
-    accept_loop(listener, handler, shutdown, grace).await;
+    accept_loop(listener, handler, limits, shutdown, grace).await;
+}
+
+/// What the accept loop enforces per connection (from `[server]`).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Relay (or monitor) id for the bodies of refusals.
+    pub id: String,
+    pub max_total: usize,
+    pub max_per_client: usize,
+    pub header_timeout: Duration,
+    pub max_header_size: usize,
+}
+
+impl From<&crate::config::ServerConfig> for ConnectionLimits {
+    fn from(server: &crate::config::ServerConfig) -> Self {
+        Self {
+            id: String::new(),
+            max_total: server.max_connections,
+            max_per_client: server.max_connections_per_client,
+            header_timeout: server.header_timeout,
+            max_header_size: server.max_header_size,
+        }
+    }
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self::from(&crate::config::ServerConfig::default())
+    }
+}
+
+/// Open connections, in all and per client address.
+#[derive(Debug)]
+struct Tracker {
+    open: std::sync::Mutex<(usize, std::collections::HashMap<IpAddr, usize>)>,
+    max_total: usize,
+    max_per_client: usize,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admitted {
+    tracker: Arc<Tracker>,
+    client: IpAddr,
+}
+
+impl Tracker {
+    /// Admits a connection from `client`, or says which limit it hit.
+    fn admit(self: &Arc<Self>, client: IpAddr) -> Result<Admitted, &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.0 >= self.max_total {
+            return Err("too many connections to this relay");
+        }
+        let from_client = open.1.entry(client).or_insert(0);
+        if *from_client >= self.max_per_client {
+            return Err("too many connections from this address");
+        }
+        *from_client += 1;
+        open.0 += 1;
+        Ok(Admitted {
+            tracker: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.tracker.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Answers a connection over a limit with 503 and `Retry-After`, without hyper: a
+/// minimal response, then the connection is closed gracefully (FIN, then whatever the
+/// client sent is read and dropped, so the close is not a reset that eats the answer).
+async fn refuse(mut stream: tokio::net::TcpStream, why: &'static str, relay: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let body = serde_json::json!({ "error": why, "relay": relay }).to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 5\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Warns about refused connections at most every 10 s.
+fn warn_refused(why: &'static str, client: IpAddr) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now >= last + 10
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        warn!(client.addr = %client, reason = why, "refusing connections (503); see [server]");
+    }
 }
 
 /// Accepts connections until `shutdown` turns true, then drains them for up to `grace`.
+/// Connections over `limits` get a 503 at once.
 pub async fn accept_loop(
     listener: TcpListener,
     handler: Handler,
+    limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let tracker = Arc::new(Tracker {
+        open: std::sync::Mutex::default(),
+        max_total: limits.max_total,
+        max_per_client: limits.max_per_client,
+    });
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let stop = async move {
@@ -658,13 +791,26 @@ pub async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let admitted = match tracker.admit(peer.ip()) {
+                    Ok(admitted) => admitted,
+                    Err(why) => {
+                        warn_refused(why, peer.ip());
+                        connections.spawn(refuse(stream, why, limits.id.clone()));
+                        continue;
+                    }
+                };
                 let service = connection_service(handler.clone(), peer.ip());
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
+                    .max_header_size(limits.max_header_size)
                     .max_buf_size(CONNECTION_BUFFER)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
-                connections.spawn(serve_connection(connection, peer));
+                connections.spawn(async move {
+                    serve_connection(connection, peer).await;
+                    drop(admitted);
+                });
                 while connections.try_join_next().is_some() {}
             }
         }

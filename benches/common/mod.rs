@@ -32,7 +32,9 @@ impl RelayProcess {
         let text = format!(
             "[relay]\nid = \"{name}\"\nsite = \"bench\"\nlisten = \"127.0.0.1:0\"\n\
              cache_dir = \"{name}-cache\"\n\n[upstream]\nparents = [{parents}]\n\
-             stall_timeout = \"60s\"\n{extra}\n"
+             stall_timeout = \"60s\"\n{extra}\n\
+             # Every benchmark client comes from 127.0.0.1.\n\
+             [server]\nmax_connections = 100000\nmax_connections_per_client = 100000\n"
         );
         std::fs::write(&config, text).expect("write config");
         let mut child = Command::new(BIN)

@@ -474,6 +474,10 @@ url = "http://{monitor}"
 [beacon]
 interval = "2s"
 key_file = "beacon.key"
+# Every simulated agent comes from 127.0.0.1.
+[server]
+max_connections = 100000
+max_connections_per_client = 100000
 "#,
         parents = parent.map(|p| format!("\"{p}\"")).unwrap_or_default(),
         origin = origin.unwrap_or_default(),

@@ -1,0 +1,178 @@
+//! Hostile and greedy clients: connection limits, slow headers, huge headers, and more
+//! cold bundles at once than the relay will fetch. Each gets a clear answer (or is cut
+//! off) while other clients keep being served.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use patchrelay::relay::Relay;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A connection to `addr` from the local address `ip` (any 127.x.y.z works on Linux).
+async fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(ip), 0).into())
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Sends `request` and reads what the server sends until it closes (at most 5 s).
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> String {
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn relay_with(dir: &std::path::Path, origin: &MockUpstream, server: &str) -> Relay {
+    let config = relay_config_with(
+        "edge",
+        dir,
+        &[],
+        Some(&origin.origin_template()),
+        &format!("[server]\n{server}"),
+    );
+    Relay::start(&config).await.expect("relay starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limits_get_503_and_other_addresses_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let id = origin.add(&content(10_000, 81));
+    let limits = "max_connections = 4\nmax_connections_per_client = 2\n";
+    let relay = relay_with(dir.path(), &origin, limits).await;
+    let addr = relay.local_addr();
+
+    // Two idle connections from 127.0.0.1 are allowed; a third is refused at once.
+    let _idle = [
+        connect_from([127, 0, 0, 1], addr).await,
+        connect_from([127, 0, 0, 1], addr).await,
+    ];
+    let mut third = connect_from([127, 0, 0, 1], addr).await;
+    let answer = exchange(&mut third, b"GET /healthz HTTP/1.1\r\nhost: relay\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 5"), "{answer}");
+    assert!(
+        answer.contains("too many connections from this address"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"relay\":\"edge\""), "{answer}");
+
+    // Another address is still served.
+    let mut other = connect_from([127, 0, 0, 2], addr).await;
+    let request =
+        format!("GET /v1/bundles/{id} HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n");
+    let answer = exchange(&mut other, request.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+
+    // Once the relay's total is reached, every address is refused.
+    let _more = [
+        connect_from([127, 0, 0, 3], addr).await,
+        connect_from([127, 0, 0, 3], addr).await,
+    ];
+    let mut late = connect_from([127, 0, 0, 4], addr).await;
+    let answer = exchange(&mut late, b"GET /healthz HTTP/1.1\r\nhost: relay\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("too many connections to this relay"),
+        "{answer}"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_cut_off_while_downloads_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(2_000_000, 82);
+    let id = origin.add(&data);
+    let relay = relay_with(dir.path(), &origin, "header_timeout = \"500ms\"\n").await;
+    let addr = relay.local_addr();
+
+    // Half a request head, then silence.
+    let started = Instant::now();
+    let mut slow = connect_from([127, 0, 0, 5], addr).await;
+    let cut = tokio::spawn(async move {
+        exchange(&mut slow, b"GET /v1/bundles/").await;
+        started.elapsed()
+    });
+
+    // A real client meanwhile gets its bundle, whole.
+    let got = TestClient::default()
+        .get(&bundle_url(&url_of(&relay), &id))
+        .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.bytes(), &data[..]);
+
+    let after = within(10, cut).await.unwrap();
+    assert!(
+        after >= Duration::from_millis(400) && after < Duration::from_secs(4),
+        "the slow client was cut after {after:?}"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enormous_header_gets_431() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let relay = relay_with(dir.path(), &origin, "max_header_size = \"4 KiB\"\n").await;
+    let mut stream = connect_from([127, 0, 0, 6], relay.local_addr()).await;
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nhost: relay\r\nx-junk: {}\r\n\r\n",
+        "a".repeat(8 * 1024)
+    );
+    let answer = exchange(&mut stream, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // A normal request still works.
+    let got = TestClient::default()
+        .get(&format!("{}/healthz", url_of(&relay)))
+        .await;
+    assert_eq!(got.status, 200);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_cold_bundles_than_max_fills_get_503_while_the_running_fill_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start_paced(Behavior::Normal, 4096, Duration::from_millis(10)).await;
+    let first = content(200_000, 83);
+    let first_id = origin.add(&first);
+    let second_id = origin.add(&content(1000, 84));
+    let relay = relay_with(dir.path(), &origin, "max_fills = 1\n").await;
+    let base = url_of(&relay);
+
+    let url = bundle_url(&base, &first_id);
+    let slow = tokio::spawn(async move { TestClient::default().get(&url).await });
+    eventually("the first fill runs", || relay.running_fills() == 1).await;
+
+    let refused = TestClient::default()
+        .get(&bundle_url(&base, &second_id))
+        .await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("retry-after"), Some("5"));
+    let error = refused.json()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("max_fills"), "{error}");
+
+    let got = within(20, slow).await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.bytes(), &first[..]);
+    // With the slot free again, the second bundle is fetched.
+    eventually("the first fill ends", || relay.running_fills() == 0).await;
+    let second = TestClient::default()
+        .get(&bundle_url(&base, &second_id))
+        .await;
+    assert_eq!(second.status, 200);
+    relay.shutdown().await;
+}
