@@ -176,3 +176,37 @@ async fn more_cold_bundles_than_max_fills_get_503_while_the_running_fill_complet
     assert_eq!(second.status, 200);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_and_oversized_report_batches_are_400_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let relay = relay_with(dir.path(), &origin, "").await;
+    let addr = relay.local_addr();
+    let post = |body: Vec<u8>| async move {
+        let mut stream = connect_from([127, 0, 0, 7], addr).await;
+        let head = format!(
+            "POST /v1/reports HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut request = head.into_bytes();
+        request.extend_from_slice(&body);
+        exchange(&mut stream, &request).await
+    };
+
+    let answer = post(b"[{\"report_id\": ".to_vec()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"error\""), "{answer}");
+
+    let huge = format!("[\"{}\"]", "x".repeat(5 * 1024 * 1024)).into_bytes();
+    let answer = post(huge).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("length limit"), "{answer}");
+
+    // Nothing was spooled (the spool exists, and is empty).
+    let spool = dir.path().join("edge-cache").join("spool").join("reports");
+    assert!(spool.is_dir(), "{}", spool.display());
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    relay.shutdown().await;
+}
