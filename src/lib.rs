@@ -18,7 +18,7 @@
 //! - [`publish`]: adding local files as bundles.  [`relay`]: start and shutdown.
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
-//! - [`admin`]: the admin API.  [`cli`]: the command line.
+//! - [`admin`]: the admin API.  [`cli`]: the command line.  [`notify`]: systemd readiness.
 //! - [`monitor`]: the central monitor: beacons, reports, health checks, deployments,
 //!   failure attribution and the dashboard.
 
@@ -37,6 +37,7 @@ pub mod limits;
 pub mod manifest;
 pub mod metrics;
 pub mod monitor;
+pub mod notify;
 pub mod prestage;
 pub mod publish;
 pub mod range;

@@ -403,6 +403,7 @@ pub async fn serve(config: &Config) -> Result<(), StartError> {
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
     let relay = Relay::start(config).await?;
+    crate::notify::notify("READY=1\nSTATUS=serving");
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -417,6 +418,7 @@ pub async fn serve(config: &Config) -> Result<(), StartError> {
         }
     }
     info!("shutdown requested");
+    crate::notify::notify("STOPPING=1");
     relay.shutdown().await;
     Ok(())
 }
