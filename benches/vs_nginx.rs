@@ -104,7 +104,8 @@ impl Nginx {
         std::fs::create_dir_all(prefix.join("logs")).expect("nginx prefix");
         let port = free_port();
         let conf = format!(
-            "user root;\nworker_processes auto;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\n\
+            "user root;\nworker_processes auto;\npid {p}/nginx.pid;\n\
+             error_log {p}/error.log warn;\n\
              events {{ worker_connections 8192; }}\n\
              http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
              keepalive_timeout 65;\n  keepalive_requests 1000000;\n  {http}\n\
