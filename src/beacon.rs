@@ -107,11 +107,17 @@ impl BeaconSender {
         Ok(Self {
             state: state.clone(),
             site: config.relay.site.clone(),
-            url: config
-                .relay
-                .advertise_url
-                .as_ref()
-                .map_or_else(|| format!("http://{addr}"), |u| u.as_str().to_string()),
+            url: config.relay.advertise_url.as_ref().map_or_else(
+                || {
+                    let scheme = if config.relay.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    format!("{scheme}://{addr}")
+                },
+                |u| u.as_str().to_string(),
+            ),
             parents: config
                 .upstream
                 .parents

@@ -217,6 +217,9 @@ pub struct RelayConfig {
     /// The URL others reach this relay at, sent in beacons (the monitor health-checks
     /// it). Default `http://<listen>`.
     pub advertise_url: Option<BaseUrl>,
+    /// `tls_cert` + `tls_key` (and `client_ca`): serve HTTPS, and with `client_ca`
+    /// require client certificates signed by it (mutual TLS). `None` = plain HTTP.
+    pub tls: Option<crate::tls::ServerFiles>,
 }
 
 /// `[upstream]`: where this relay fetches what it lacks.
@@ -231,6 +234,9 @@ pub struct UpstreamConfig {
     /// A parent that sends no byte (nor response headers) for this long has failed.
     /// Default 15 s.
     pub stall_timeout: Duration,
+    /// `ca_file` (and `client_cert` + `client_key`): how `https://` upstreams are verified
+    /// and what this relay presents to parents that require client certificates.
+    pub tls: Option<crate::tls::ClientFiles>,
 }
 
 /// A parent relay's base URL, such as `http://10.1.0.5:7420`, without a trailing slash.
@@ -367,6 +373,9 @@ struct RawRelay {
     #[serde(default)]
     pins: Vec<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +386,9 @@ struct RawUpstream {
     origin: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     stall_timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
 }
 
 impl Config {
@@ -404,12 +416,13 @@ impl Config {
 
         let relay = ctx.relay(raw.relay, base_dir)?;
         let upstream = match raw.upstream {
-            Some(up) => ctx.upstream(up, &relay)?,
+            Some(up) => ctx.upstream(up, &relay, base_dir)?,
             None => UpstreamConfig {
                 parents: Vec::new(),
                 origin: None,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 stall_timeout: DEFAULT_STALL_TIMEOUT,
+                tls: None,
             },
         };
         let limits = match raw.limits {
@@ -567,6 +580,23 @@ impl Ctx<'_> {
             }
             _ => None,
         };
+        let file = |value| file_value(value, base_dir);
+        let tls = match (
+            file(&raw.tls_cert),
+            file(&raw.tls_key),
+            file(&raw.client_ca),
+        ) {
+            (None, None, None) => None,
+            (Some((_, cert)), Some((_, key)), client_ca) => Some(crate::tls::ServerFiles {
+                cert,
+                key,
+                client_ca: client_ca.map(|(_, ca)| ca),
+            }),
+            (Some((v, _)), None, _) | (None, Some((v, _)), _) | (None, None, Some((v, _))) => {
+                let msg = "tls_cert and tls_key go together (client_ca needs both)".to_string();
+                return Err(self.invalid("relay.tls_cert", v, msg));
+            }
+        };
         Ok(RelayConfig {
             id,
             site,
@@ -578,6 +608,7 @@ impl Ctx<'_> {
             scrub_rate,
             scrub_interval,
             advertise_url,
+            tls,
         })
     }
 
@@ -659,6 +690,7 @@ impl Ctx<'_> {
         &self,
         raw: RawUpstream,
         relay: &RelayConfig,
+        base_dir: &Path,
     ) -> Result<UpstreamConfig, ConfigError> {
         let mut parents = Vec::with_capacity(raw.parents.len());
         for parent in &raw.parents {
@@ -674,9 +706,9 @@ impl Ctx<'_> {
             parents.push(url);
         }
 
-        let origin = match raw.origin {
+        let origin = match &raw.origin {
             Some(origin) if !origin.get_ref().trim().is_empty() => {
-                Some(self.origin_template(&origin)?)
+                Some(self.origin_template(origin)?)
             }
             _ => None,
         };
@@ -691,11 +723,44 @@ impl Ctx<'_> {
             raw.stall_timeout,
             DEFAULT_STALL_TIMEOUT,
         )?;
+        let file = |value| file_value(value, base_dir);
+        let tls = match (
+            file(&raw.ca_file),
+            file(&raw.client_cert),
+            file(&raw.client_key),
+        ) {
+            (None, None, None) => None,
+            (None, Some((v, _)), _) | (None, _, Some((v, _))) => {
+                let msg = "client certificates need ca_file (the CA parents are verified by)";
+                return Err(self.invalid("upstream.ca_file", v, msg.into()));
+            }
+            (Some(_), Some((v, _)), None) | (Some(_), None, Some((v, _))) => {
+                let msg = "client_cert and client_key go together".to_string();
+                return Err(self.invalid("upstream.client_cert", v, msg));
+            }
+            (Some((_, ca)), cert, key) => Some(crate::tls::ClientFiles {
+                ca,
+                cert_and_key: cert.zip(key).map(|((_, c), (_, k))| (c, k)),
+            }),
+        };
+        let https = parents
+            .iter()
+            .map(BaseUrl::as_str)
+            .chain(origin.as_ref().map(OriginTemplate::as_str))
+            .find(|url| url.starts_with("https://"));
+        if let (Some(url), None) = (https, &tls) {
+            let msg = format!("{url} is https: set upstream.ca_file to the CA to verify it by");
+            let at = raw.parents.first().or(raw.origin.as_ref());
+            if let Some(at) = at {
+                return Err(self.invalid("upstream.parents", at, msg));
+            }
+        }
         Ok(UpstreamConfig {
             parents,
             origin,
             connect_timeout,
             stall_timeout,
+            tls,
         })
     }
 
@@ -759,17 +824,25 @@ impl Ctx<'_> {
     }
 }
 
-/// Checks that `text` is an absolute `http://` URL with a host.
+/// A path key's value (when not empty) and the path it names, relative to `base_dir`.
+fn file_value<'a>(
+    value: &'a Option<Spanned<String>>,
+    base_dir: &Path,
+) -> Option<(&'a Spanned<String>, PathBuf)> {
+    value
+        .as_ref()
+        .filter(|v| !v.get_ref().trim().is_empty())
+        .map(|v| (v, base_dir.join(v.get_ref().trim())))
+}
+
+/// Checks that `text` is an absolute `http://` or `https://` URL with a host.
 fn check_http_url(text: &str) -> Result<(), String> {
     let uri: Uri = text
         .parse()
         .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        // TODO: https upstreams need rustls (issue 8); until then they are refused here
-        // rather than failing at the first fetch.
-        Some("https") => return Err(format!("{text:?}: https upstreams are not supported yet")),
-        _ => return Err(format!("{text:?} must start with http://")),
+        Some("http" | "https") => {}
+        _ => return Err(format!("{text:?} must start with http:// or https://")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{text:?} has no host"));

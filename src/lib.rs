@@ -19,6 +19,7 @@
 //! - [`limits`]: bandwidth, request and download caps.  [`units`]: human units.
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
 //! - [`admin`]: the admin API.  [`cli`]: the command line.  [`notify`]: systemd readiness.
+//! - [`tls`]: rustls for the listener and for `https://` upstreams.
 //! - [`monitor`]: the central monitor: beacons, reports, health checks, deployments,
 //!   failure attribution and the dashboard.
 
@@ -46,5 +47,6 @@ pub mod reports;
 pub mod scrub;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod units;
 pub mod upstream;

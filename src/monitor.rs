@@ -154,6 +154,7 @@ impl Monitor {
             listener,
             handler,
             limits,
+            None,
             stopped,
             Duration::from_secs(5),
         ));

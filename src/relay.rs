@@ -41,6 +41,8 @@ pub enum StartError {
     },
     #[error("cannot wait for signals: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A relay that is accepting connections.
@@ -48,6 +50,8 @@ pub enum StartError {
 pub struct Relay {
     addr: SocketAddr,
     state: Arc<AppState>,
+    /// The listener's TLS config (its certificate is read again on reload).
+    tls: Option<Arc<crate::tls::Listener>>,
     /// The config in force, to tell on reload what changed.
     config: Mutex<Config>,
     stop: watch::Sender<bool>,
@@ -97,7 +101,15 @@ impl Relay {
             );
         }
 
+        let tls = match &config.relay.tls {
+            Some(files) => Some(Arc::new(crate::tls::Listener::new(files.clone())?)),
+            None => None,
+        };
         let listen = config.relay.listen;
+        if tls.is_none() && !listen.ip().is_loopback() {
+            warn!(listen = %listen, "serving plain HTTP on a non-loopback address: set \
+                [relay] tls_cert and tls_key outside a lab");
+        }
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -116,7 +128,7 @@ impl Relay {
         cache.pin_manifest(&manifest);
         let cache = Arc::new(cache);
         let stats = Arc::new(Stats::default());
-        let upstream = Arc::new(Upstream::new(&config.upstream, &config.relay.id));
+        let upstream = Arc::new(Upstream::new(&config.upstream, &config.relay.id)?);
         let limits = Limits::new(config.limits.clone(), clock.clone(), stats.clone());
         let fills = Fills::new(
             cache.clone(),
@@ -194,6 +206,7 @@ impl Relay {
             listener,
             state.clone(),
             connection_limits,
+            tls.clone(),
             stopped.clone(),
             grace,
         ));
@@ -235,6 +248,7 @@ impl Relay {
                 relay_id: config.relay.id.clone(),
                 key: beacon_key,
                 what: "reports",
+                connector: upstream.connector(),
             };
             tokio::spawn(reports::forward(spool.dir().to_path_buf(), target))
         });
@@ -255,6 +269,7 @@ impl Relay {
                         relay_id: config.relay.id.clone(),
                         key: Some(key),
                         what: "beacons",
+                        connector: upstream.connector(),
                     };
                     let dir = config.relay.cache_dir.join("spool").join("beacons");
                     tasks.push(tokio::spawn(reports::forward(dir, target)));
@@ -276,6 +291,7 @@ impl Relay {
         Ok(Self {
             addr,
             state,
+            tls,
             config: Mutex::new(config.clone()),
             stop,
             server,
@@ -358,6 +374,14 @@ impl Relay {
         match Config::load(&path) {
             Ok(new) => self.reload(&new),
             Err(e) => error!(error = %e, "config reload rejected; keeping the running config"),
+        }
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => info!("TLS certificate and key reloaded"),
+                Err(e) => {
+                    error!(error = %e, "TLS reload rejected; keeping the running certificate")
+                }
+            }
         }
     }
 

@@ -314,6 +314,8 @@ pub struct Target {
     pub key: Option<[u8; 32]>,
     /// "reports" or "beacons", for logs.
     pub what: &'static str,
+    /// How to connect (plain, or `https://` verified by `[upstream] ca_file`).
+    pub connector: crate::tls::Connector,
 }
 
 /// What became of one outbox file.
@@ -336,7 +338,7 @@ async fn send_file(target: &Target, batch: &Path) -> Result<Sent, String> {
         }
     };
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+        .build::<_, http_body_util::Full<bytes::Bytes>>(target.connector.clone());
     let mut last = String::from("no receiver configured");
     // Set aside only when every receiver refused the content; one that was merely away
     // may take it later.

@@ -628,13 +628,14 @@ pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
     limits: ConnectionLimits,
+    tls: Option<Arc<crate::tls::Listener>>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let handler: Handler = Arc::new(move |client, request| {
         Box::pin(handle(state.clone(), client, request)) as BoxFuture<'static, _>
     });
-    accept_loop(listener, handler, limits, shutdown, grace).await;
+    accept_loop(listener, handler, limits, tls, shutdown, grace).await;
 }
 
 /// What the accept loop enforces per connection (from `[server]`).
@@ -762,6 +763,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     handler: Handler,
     limits: ConnectionLimits,
+    tls: Option<Arc<crate::tls::Listener>>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -800,15 +802,37 @@ pub async fn accept_loop(
                     }
                 };
                 let service = connection_service(handler.clone(), peer.ip());
-                let connection = http1::Builder::new()
+                let mut builder = http1::Builder::new();
+                builder
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_timeout)
                     .max_header_size(limits.max_header_size)
-                    .max_buf_size(CONNECTION_BUFFER)
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
+                    .max_buf_size(CONNECTION_BUFFER);
+                let Some(tls) = &tls else {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection);
+                    connections.spawn(async move {
+                        serve_connection(connection, peer).await;
+                        drop(admitted);
+                    });
+                    continue;
+                };
+                // The handshake runs in the connection's task, bounded like a request head.
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                let watcher = graceful.watcher();
+                let handshake_timeout = limits.header_timeout;
                 connections.spawn(async move {
-                    serve_connection(connection, peer).await;
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let connection =
+                                builder.serve_connection(TokioIo::new(stream), service);
+                            serve_connection(watcher.watch(connection), peer).await;
+                        }
+                        Ok(Err(e)) => {
+                            debug!(client.addr = %peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => debug!(client.addr = %peer, "TLS handshake timed out"),
+                    }
                     drop(admitted);
                 });
                 while connections.try_join_next().is_some() {}

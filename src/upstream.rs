@@ -105,7 +105,9 @@ pub struct Opened {
 /// The configured sources and the client that fetches from them.
 #[derive(Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<crate::tls::Connector, Empty<Bytes>>,
+    /// The connector (plain and `https://`), for the relay's other outgoing clients.
+    connector: crate::tls::Connector,
     sources: Vec<Source>,
     stall_timeout: Duration,
     relay_id: String,
@@ -130,13 +132,15 @@ pub struct SourceHealth {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, relay_id: &str) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
+    pub fn new(config: &UpstreamConfig, relay_id: &str) -> Result<Self, crate::tls::TlsError> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = crate::tls::connector(http, config.tls.as_ref())?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+            .build(connector.clone());
 
         let parents = config.parents.iter().cloned().map(SourceKind::Parent);
         let origin = config.origin.iter().cloned().map(SourceKind::Origin);
@@ -145,14 +149,20 @@ impl Upstream {
             .enumerate()
             .map(|(index, kind)| Source { index, kind })
             .collect();
-        Self {
+        Ok(Self {
             client,
+            connector,
             sources,
             stall_timeout: config.stall_timeout,
             relay_id: relay_id.to_string(),
             penalties: Mutex::default(),
             health: Mutex::default(),
-        }
+        })
+    }
+
+    /// The connector every outgoing client of this relay uses.
+    pub fn connector(&self) -> crate::tls::Connector {
+        self.connector.clone()
     }
 
     /// Whether any parent or origin is configured.
@@ -571,7 +581,7 @@ mod tests {
         "#;
         let config = crate::config::Config::parse(text, "t.toml", std::path::Path::new("."))
             .expect("valid config");
-        let upstream = Upstream::new(&config.upstream, "r");
+        let upstream = Upstream::new(&config.upstream, "r").unwrap();
         let id = BundleId::of(b"x");
         upstream.penalize(0, &id);
         let order: Vec<_> = upstream.sources(&id).iter().map(|s| s.index).collect();

@@ -48,6 +48,16 @@ pub fn preflight(config: &Config) -> Vec<ConfigError> {
     if let Err(e) = config.beacon.read_key() {
         problems.push(e);
     }
+    if let Some(files) = &config.relay.tls {
+        if let Err(e) = crate::tls::server_config(files) {
+            problems.push(invalid("relay.tls_cert", e.to_string()));
+        }
+    }
+    if let Some(files) = &config.upstream.tls {
+        if let Err(e) = crate::tls::client_config(files) {
+            problems.push(invalid("upstream.ca_file", e.to_string()));
+        }
+    }
     problems
 }
 

@@ -1,0 +1,233 @@
+//! TLS between relays: a child fetching from an HTTPS parent verified against a test CA
+//! (made here with rcgen), mutual TLS refusing a child without a client certificate, and
+//! a client that does not trust the CA getting nothing.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use patchrelay::config::Config;
+use patchrelay::relay::Relay;
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use support::*;
+
+/// A test CA and certificates it signed, written as PEM files under `dir`.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let mut server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["child".to_string()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        write_secret(&path, text);
+        path
+    };
+    Pki {
+        ca: write("ca.pem", ca_cert.pem()),
+        server_cert: write("server.pem", server_cert.pem()),
+        server_key: write("server.key", server_key.serialize_pem()),
+        client_cert: write("client.pem", client_cert.pem()),
+        client_key: write("client.key", client_key.serialize_pem()),
+    }
+}
+
+/// A relay from TOML text (with `{dir}` replaced by `dir`).
+async fn relay_from(dir: &Path, text: &str) -> Relay {
+    let text = text.replace("{dir}", &dir.display().to_string());
+    let config = Config::parse(&text, "tls.toml", dir).expect("valid config");
+    Relay::start(&config).await.expect("relay starts")
+}
+
+fn parent_toml(pki: &Pki, origin: &str, client_ca: bool) -> String {
+    let client_ca = if client_ca {
+        format!("client_ca = {:?}\n", pki.ca)
+    } else {
+        String::new()
+    };
+    format!(
+        "[relay]\nid = \"parent\"\nsite = \"hq\"\nlisten = \"127.0.0.1:0\"\n\
+         cache_dir = \"parent-cache\"\ntls_cert = {:?}\ntls_key = {:?}\n{client_ca}\
+         [upstream]\norigin = \"{origin}\"\n",
+        pki.server_cert, pki.server_key
+    )
+}
+
+fn child_toml(parent: &str, ca: &Path, client: Option<(&Path, &Path)>) -> String {
+    let client = client.map_or(String::new(), |(cert, key)| {
+        format!("client_cert = {cert:?}\nclient_key = {key:?}\n")
+    });
+    format!(
+        "[relay]\nid = \"child\"\nsite = \"branch\"\nlisten = \"127.0.0.1:0\"\n\
+         cache_dir = \"child-cache\"\n[upstream]\nparents = [\"{parent}\"]\nca_file = {ca:?}\n\
+         connect_timeout = \"1s\"\nstall_timeout = \"2s\"\n{client}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_fetches_from_an_https_parent_verified_against_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(500_000, 101);
+    let id = origin.add(&data);
+    let parent = relay_from(
+        dir.path(),
+        &parent_toml(&pki, &origin.origin_template(), false),
+    )
+    .await;
+    let parent_url = format!("https://127.0.0.1:{}", parent.local_addr().port());
+
+    let child = relay_from(dir.path(), &child_toml(&parent_url, &pki.ca, None)).await;
+    let got = within(
+        20,
+        TestClient::default().get(&bundle_url(&url_of(&child), &id)),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.bytes(), &data[..]);
+    assert_eq!(
+        parent.stats().fills_completed,
+        1,
+        "the parent served it over TLS"
+    );
+
+    // Plain HTTP to the TLS port gets no answer; the relay goes on serving TLS.
+    let plain = TestClient::default()
+        .try_send(
+            "GET",
+            &format!("http://{}/healthz", parent.local_addr()),
+            &[],
+        )
+        .await;
+    assert!(plain.is_err() || plain.is_ok_and(|f| f.status != 200));
+
+    // A child that trusts another CA refuses the parent: 502, nothing cached.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = make_pki(other.path());
+    let doubting = relay_from(
+        other.path(),
+        &child_toml(&parent_url, &other_pki.ca, None).replace("\"child\"", "\"doubting\""),
+    )
+    .await;
+    let got = within(
+        20,
+        TestClient::default().get(&bundle_url(&url_of(&doubting), &id)),
+    )
+    .await;
+    assert_eq!(got.status, 502);
+    assert!(!cached(other.path(), "child", &id));
+
+    doubting.shutdown().await;
+    child.shutdown().await;
+    parent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_requiring_client_certificates_refuses_a_child_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(100_000, 102);
+    let id = origin.add(&data);
+    let parent = relay_from(
+        dir.path(),
+        &parent_toml(&pki, &origin.origin_template(), true),
+    )
+    .await;
+    let parent_url = format!("https://127.0.0.1:{}", parent.local_addr().port());
+
+    let anonymous = relay_from(dir.path(), &child_toml(&parent_url, &pki.ca, None)).await;
+    let got = within(
+        20,
+        TestClient::default().get(&bundle_url(&url_of(&anonymous), &id)),
+    )
+    .await;
+    assert_eq!(got.status, 502, "no client certificate, no bundle");
+    assert_eq!(parent.stats().fills_started, 0);
+    anonymous.shutdown().await;
+
+    let sub = dir.path().join("authenticated");
+    std::fs::create_dir_all(&sub).unwrap();
+    let known = relay_from(
+        &sub,
+        &child_toml(
+            &parent_url,
+            &pki.ca,
+            Some((&pki.client_cert, &pki.client_key)),
+        ),
+    )
+    .await;
+    let got = within(
+        20,
+        TestClient::default().get(&bundle_url(&url_of(&known), &id)),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.bytes(), &data[..]);
+    known.shutdown().await;
+    parent.shutdown().await;
+}
+
+#[test]
+fn https_parents_need_a_ca_and_tls_files_go_in_pairs() {
+    let dir = Path::new("/etc/patchrelay");
+    let base =
+        "[relay]\nid = \"r\"\nsite = \"s\"\nlisten = \"127.0.0.1:7420\"\ncache_dir = \"c\"\n";
+    let err = Config::parse(
+        &format!("{base}[upstream]\nparents = [\"https://10.0.0.1:7420\"]\n"),
+        "r.toml",
+        dir,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("r.toml:7: upstream.parents:"), "{err}");
+    assert!(err.contains("ca_file"), "{err}");
+
+    let ok = Config::parse(
+        &format!("{base}[upstream]\nparents = [\"https://10.0.0.1:7420\"]\nca_file = \"ca.pem\"\n"),
+        "r.toml",
+        dir,
+    )
+    .unwrap();
+    assert_eq!(ok.upstream.tls.unwrap().ca, dir.join("ca.pem"));
+
+    let err = Config::parse(&format!("{base}tls_cert = \"c.pem\"\n"), "r.toml", dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("relay.tls_cert: tls_cert and tls_key go together"),
+        "{err}"
+    );
+    let err = Config::parse(
+        &format!("{base}[upstream]\nca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\n"),
+        "r.toml",
+        dir,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("client_cert and client_key go together"),
+        "{err}"
+    );
+}
