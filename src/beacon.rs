@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -328,11 +327,7 @@ pub async fn receive(
         .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = Limited::new(request.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("beacon body: {e}")))?
-        .to_bytes();
+    let body = crate::server::read_body(request, "the beacon body", MAX_BODY).await?;
     let beacon = decode(&key, signature.as_deref(), &body, state.beacon_max_skew)?;
     check_sequence(state, &beacon, false)?;
 

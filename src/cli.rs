@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cache::Cache;
 
 mod cache;
+mod http;
 mod monitor;
 use crate::config::Config;
 use crate::publish::publish_file;

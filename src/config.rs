@@ -62,6 +62,10 @@ pub struct ServerConfig {
     pub max_header_size: usize,
     /// Fills running at once; a request that would start one more gets 503. Default 256.
     pub max_fills: usize,
+    /// Largest `POST /v1/reports` body; larger gets 413. Default 4 MiB.
+    pub max_report_body: usize,
+    /// Most reports in one `POST /v1/reports` batch; more gets 413. Default 10,000.
+    pub max_report_batch: usize,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +76,8 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(20),
             max_header_size: 16 * 1024,
             max_fills: 256,
+            max_report_body: crate::reports::MAX_BODY,
+            max_report_batch: crate::reports::MAX_BATCH,
         }
     }
 }
@@ -328,14 +334,17 @@ struct RawMonitor {
     spool_max: Option<Spanned<String>>,
 }
 
+/// `[server]` as written; shared by the relay's and the monitor's configs.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawServer {
+pub(crate) struct RawServer {
     max_connections: Option<Spanned<usize>>,
     max_connections_per_client: Option<Spanned<usize>>,
     header_timeout: Option<Spanned<String>>,
     max_header_size: Option<Spanned<String>>,
     max_fills: Option<Spanned<usize>>,
+    max_report_body: Option<Spanned<String>>,
+    max_report_batch: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -580,23 +589,11 @@ impl Ctx<'_> {
             }
             _ => None,
         };
-        let file = |value| file_value(value, base_dir);
-        let tls = match (
-            file(&raw.tls_cert),
-            file(&raw.tls_key),
-            file(&raw.client_ca),
-        ) {
-            (None, None, None) => None,
-            (Some((_, cert)), Some((_, key)), client_ca) => Some(crate::tls::ServerFiles {
-                cert,
-                key,
-                client_ca: client_ca.map(|(_, ca)| ca),
-            }),
-            (Some((v, _)), None, _) | (None, Some((v, _)), _) | (None, None, Some((v, _))) => {
-                let msg = "tls_cert and tls_key go together (client_ca needs both)".to_string();
-                return Err(self.invalid("relay.tls_cert", v, msg));
-            }
-        };
+        let tls = self.server_tls(
+            "relay",
+            [&raw.tls_cert, &raw.tls_key, &raw.client_ca],
+            base_dir,
+        )?;
         Ok(RelayConfig {
             id,
             site,
@@ -612,7 +609,64 @@ impl Ctx<'_> {
         })
     }
 
-    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+    /// `tls_cert`, `tls_key` and `client_ca` of section `section`: a listener's TLS.
+    pub(crate) fn server_tls(
+        &self,
+        section: &str,
+        [cert, key, client_ca]: [&Option<Spanned<String>>; 3],
+        base_dir: &Path,
+    ) -> Result<Option<crate::tls::ServerFiles>, ConfigError> {
+        let file = |value| file_value(value, base_dir);
+        match (file(cert), file(key), file(client_ca)) {
+            (None, None, None) => Ok(None),
+            (Some((_, cert)), Some((_, key)), client_ca) => Ok(Some(crate::tls::ServerFiles {
+                cert,
+                key,
+                client_ca: client_ca.map(|(_, ca)| ca),
+            })),
+            (Some((v, _)), None, _) | (None, Some((v, _)), _) | (None, None, Some((v, _))) => {
+                let msg = "tls_cert and tls_key go together (client_ca needs both)".to_string();
+                Err(self.invalid(&format!("{section}.tls_cert"), v, msg))
+            }
+        }
+    }
+
+    /// `ca_file`, `client_cert` and `client_key` of section `section`: how a client
+    /// verifies `https://` servers and what it presents to those requiring certificates.
+    pub(crate) fn client_tls(
+        &self,
+        section: &str,
+        [ca, cert, key]: [&Option<Spanned<String>>; 3],
+        base_dir: &Path,
+    ) -> Result<Option<crate::tls::ClientFiles>, ConfigError> {
+        let file = |value| file_value(value, base_dir);
+        match (file(ca), file(cert), file(key)) {
+            (None, None, None) => Ok(None),
+            (None, Some((v, _)), _) | (None, _, Some((v, _))) => {
+                let msg = "client certificates need ca_file (the CA servers are verified by)";
+                Err(self.invalid(&format!("{section}.ca_file"), v, msg.into()))
+            }
+            (Some(_), Some((v, _)), None) | (Some(_), None, Some((v, _))) => {
+                let msg = "client_cert and client_key go together".to_string();
+                Err(self.invalid(&format!("{section}.client_cert"), v, msg))
+            }
+            (Some((_, ca)), cert, key) => Ok(Some(crate::tls::ClientFiles {
+                ca,
+                cert_and_key: cert.zip(key).map(|((_, c), (_, k))| (c, k)),
+            })),
+        }
+    }
+
+    /// `[server]` of a monitor: the same keys but `max_fills` (a monitor fetches nothing).
+    pub(crate) fn monitor_server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+        if let Some(v) = &raw.max_fills {
+            let msg = "a monitor fetches no bundles; remove this key".to_string();
+            return Err(self.invalid("server.max_fills", v, msg));
+        }
+        self.server(raw)
+    }
+
+    pub(crate) fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
         let mut server = ServerConfig::default();
         for (key, value, slot) in [
             (
@@ -626,6 +680,11 @@ impl Ctx<'_> {
                 &mut server.max_connections_per_client,
             ),
             ("server.max_fills", raw.max_fills, &mut server.max_fills),
+            (
+                "server.max_report_batch",
+                raw.max_report_batch,
+                &mut server.max_report_batch,
+            ),
         ] {
             if let Some(value) = value {
                 if *value.get_ref() == 0 {
@@ -647,6 +706,15 @@ impl Ctx<'_> {
                 return Err(self.invalid("server.max_header_size", size, msg));
             }
             server.max_header_size = bytes as usize;
+        }
+        if let Some(size) = &raw.max_report_body {
+            let bytes = crate::units::parse_size(size.get_ref())
+                .map_err(|m| self.invalid("server.max_report_body", size, m))?;
+            if !(64 * 1024..=256 * 1024 * 1024).contains(&bytes) {
+                let msg = "must be between 64 KiB and 256 MiB".to_string();
+                return Err(self.invalid("server.max_report_body", size, msg));
+            }
+            server.max_report_body = bytes as usize;
         }
         Ok(server)
     }
@@ -723,26 +791,11 @@ impl Ctx<'_> {
             raw.stall_timeout,
             DEFAULT_STALL_TIMEOUT,
         )?;
-        let file = |value| file_value(value, base_dir);
-        let tls = match (
-            file(&raw.ca_file),
-            file(&raw.client_cert),
-            file(&raw.client_key),
-        ) {
-            (None, None, None) => None,
-            (None, Some((v, _)), _) | (None, _, Some((v, _))) => {
-                let msg = "client certificates need ca_file (the CA parents are verified by)";
-                return Err(self.invalid("upstream.ca_file", v, msg.into()));
-            }
-            (Some(_), Some((v, _)), None) | (Some(_), None, Some((v, _))) => {
-                let msg = "client_cert and client_key go together".to_string();
-                return Err(self.invalid("upstream.client_cert", v, msg));
-            }
-            (Some((_, ca)), cert, key) => Some(crate::tls::ClientFiles {
-                ca,
-                cert_and_key: cert.zip(key).map(|((_, c), (_, k))| (c, k)),
-            }),
-        };
+        let tls = self.client_tls(
+            "upstream",
+            [&raw.ca_file, &raw.client_cert, &raw.client_key],
+            base_dir,
+        )?;
         let https = parents
             .iter()
             .map(BaseUrl::as_str)
@@ -1089,7 +1142,8 @@ stall_timeout = "1m"
     fn server_limits_parse_and_bad_ones_name_their_line() {
         let config = parse(&format!(
             "{GOOD}\n[server]\nmax_connections = 100\nmax_connections_per_client = 10\n\
-             header_timeout = \"5s\"\nmax_header_size = \"8 KiB\"\nmax_fills = 3\n"
+             header_timeout = \"5s\"\nmax_header_size = \"8 KiB\"\nmax_fills = 3\n\
+             max_report_body = \"1 MiB\"\nmax_report_batch = 100\n"
         ))
         .unwrap();
         assert_eq!(
@@ -1100,6 +1154,8 @@ stall_timeout = "1m"
                 header_timeout: Duration::from_secs(5),
                 max_header_size: 8192,
                 max_fills: 3,
+                max_report_body: 1024 * 1024,
+                max_report_batch: 100,
             }
         );
         assert_eq!(parse(GOOD).unwrap().server, ServerConfig::default());
@@ -1110,5 +1166,10 @@ stall_timeout = "1m"
         );
         let err = error_text(&format!("{GOOD}\n[server]\nmax_header_size = \"10 MiB\"\n"));
         assert!(err.contains("server.max_header_size"), "{err}");
+        let err = error_text(&format!("{GOOD}\n[server]\nmax_report_body = \"1 KiB\"\n"));
+        assert!(
+            err.contains("server.max_report_body: must be between 64 KiB and 256 MiB"),
+            "{err}"
+        );
     }
 }

@@ -21,7 +21,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use http::header::CONTENT_TYPE;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -61,6 +60,10 @@ pub enum MonitorError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot wait for signals: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 /// What every monitor request handler can reach.
@@ -84,6 +87,8 @@ pub struct Monitor {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     checks: JoinHandle<()>,
+    /// The listener's TLS config, read again on reload.
+    tls: Option<Arc<crate::tls::Listener>>,
 }
 
 impl Monitor {
@@ -111,6 +116,15 @@ impl Monitor {
         })
         .await
         .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into())))??;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(crate::tls::Listener::new(files.clone())?)),
+            None => None,
+        };
+        let check_client = checks::client(config.checks.timeout, config.checks.tls.as_ref())?;
+        if tls.is_none() && !config.listen.ip().is_loopback() {
+            tracing::warn!(listen = %config.listen, "the monitor serves plain HTTP on a \
+                non-loopback address: set [monitor] tls_cert and tls_key outside a lab");
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -148,19 +162,20 @@ impl Monitor {
         });
         let limits = server::ConnectionLimits {
             id: config.id.clone(),
-            ..server::ConnectionLimits::default()
+            ..server::ConnectionLimits::from(&config.server)
         };
         let server = tokio::spawn(server::accept_loop(
             listener,
             handler,
             limits,
-            None,
+            tls.clone(),
             stopped,
             Duration::from_secs(5),
         ));
         let checks = tokio::spawn(checks::run(
             store,
             config,
+            check_client,
             state.started,
             state.wake.clone(),
         ));
@@ -170,7 +185,19 @@ impl Monitor {
             stop,
             server,
             checks,
+            tls,
         })
+    }
+
+    /// Reads the listener's certificate and key again (SIGHUP); on error the running
+    /// ones stay and an error line says why.
+    pub fn reload_tls(&self) {
+        let Some(tls) = &self.tls else { return };
+        match tls.reload() {
+            Ok(()) => info!("TLS certificate and key reloaded"),
+            Err(e) => tracing::error!(error = %e, "TLS reload rejected; keeping the running \
+                certificate"),
+        }
     }
 
     /// The address the monitor listens on.
@@ -192,17 +219,19 @@ impl Monitor {
     }
 }
 
-/// Runs a monitor until SIGTERM or Ctrl-C.
+/// Runs a monitor until SIGTERM or Ctrl-C; SIGHUP reloads its TLS certificate.
 pub async fn serve(config: MonitorConfig) -> Result<(), MonitorError> {
+    use tokio::signal::unix::{signal, SignalKind};
+
     let monitor = Monitor::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| MonitorError::Listen {
-            addr: monitor.addr,
-            source,
-        })?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut term = signal(SignalKind::terminate()).map_err(MonitorError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(MonitorError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => monitor.reload_tls(),
+        }
     }
     info!("monitor stopping");
     monitor.shutdown().await;
@@ -346,14 +375,6 @@ fn html(page: String) -> Result<Response<ResponseBody>, ApiError> {
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-async fn read_body(request: Request<Incoming>, max: usize) -> Result<bytes::Bytes, ApiError> {
-    Ok(Limited::new(request.into_body(), max)
-        .collect()
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("request body: {e}")))?
-        .to_bytes())
-}
-
 /// `POST /v1/beacons`: as a relay parent checks it, then stored; the last sequence per
 /// relay is kept in the database, so a replay is refused across restarts too.
 async fn receive_beacon(
@@ -367,7 +388,7 @@ async fn receive_beacon(
         });
     };
     let signature = header(&request, SIGNATURE_HEADER);
-    let body = read_body(request, beacon::MAX_BEACON_BODY).await?;
+    let body = server::read_body(request, "the beacon body", beacon::MAX_BEACON_BODY).await?;
     let beacon = beacon::decode(
         &key,
         signature.as_deref(),
@@ -409,7 +430,8 @@ async fn receive_reports(
 ) -> Result<Response<ResponseBody>, ApiError> {
     require_method(request.method(), Method::POST)?;
     let signature = header(&request, SIGNATURE_HEADER);
-    let body = read_body(request, reports::MAX_BODY).await?;
+    let max_body = state.config.server.max_report_body;
+    let body = server::read_body(request, "the reports body", max_body).await?;
     if let Some(key) = &state.beacon_key {
         match &signature {
             Some(sig) if !reports::verify(key, &body, sig) => return Err(ApiError::BadSignature),
@@ -417,7 +439,8 @@ async fn receive_reports(
             None => return Err(ApiError::Unsigned),
         }
     }
-    let batch = reports::parse_batch(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let batch = reports::parse_batch(&body, state.config.server.max_report_batch)
+        .map_err(ApiError::from_report)?;
     let received = batch.len();
     let added = blocking(state, move |s| s.store.insert_reports(&batch, now_ms())).await?;
     accepted(&serde_json::json!({
@@ -488,7 +511,7 @@ async fn create_deployment(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     admin::check_bearer(state.admin_token.as_deref(), request.headers())?;
-    let body = read_body(request, MAX_DEPLOYMENT_BODY).await?;
+    let body = server::read_body(request, "the deployment", MAX_DEPLOYMENT_BODY).await?;
     let new: NewDeployment = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("deployment: {e}")))?;
     new.validate(Utc::now())

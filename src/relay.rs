@@ -165,6 +165,7 @@ impl Relay {
         state.health_interval = config.health_interval;
         state.beacon_key = beacon_key;
         state.beacon_max_skew = config.beacon.max_skew;
+        state.report_limits = server::ReportLimits::from(&config.server);
         if beacon_key.is_some() {
             let outbox = config.relay.cache_dir.join("spool").join("beacons");
             std::fs::create_dir_all(&outbox).map_err(|source| {

@@ -37,9 +37,9 @@ pub fn verify(key: &[u8; 32], body: &[u8], signature: &str) -> bool {
     blake3::Hash::from_hex(signature.trim()).is_ok_and(|h| h == blake3::keyed_hash(key, body))
 }
 
-/// Largest `POST /v1/reports` body.
+/// Largest `POST /v1/reports` body by default (`[server] max_report_body`).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
-/// Most reports in one batch.
+/// Most reports in one batch by default (`[server] max_report_batch`).
 pub const MAX_BATCH: usize = 10_000;
 /// Reports per spool file (and so per forwarded request): 500 reports of at most ~5 KiB
 /// each stay well under [`MAX_BODY`].
@@ -78,20 +78,24 @@ pub enum Outcome {
 pub enum ReportError {
     #[error("reports: {0}")]
     Invalid(String),
+    #[error("reports: {count} in one batch, at most {max} are accepted")]
+    TooMany { count: usize, max: usize },
     #[error("the report spool is full; retry later")]
     SpoolFull,
     #[error("cannot spool reports: {0}")]
     Io(#[from] io::Error),
 }
 
-/// Parses and checks a batch; every error names the report (by index) and the field.
-pub fn parse_batch(body: &[u8]) -> Result<Vec<Report>, ReportError> {
+/// Parses and checks a batch of at most `max_reports`; every error names the report (by
+/// index) and the field.
+pub fn parse_batch(body: &[u8], max_reports: usize) -> Result<Vec<Report>, ReportError> {
     let reports: Vec<Report> =
         serde_json::from_slice(body).map_err(|e| ReportError::Invalid(e.to_string()))?;
-    if reports.len() > MAX_BATCH {
-        return Err(ReportError::Invalid(format!(
-            "at most {MAX_BATCH} reports per batch"
-        )));
+    if reports.len() > max_reports {
+        return Err(ReportError::TooMany {
+            count: reports.len(),
+            max: max_reports,
+        });
     }
     for (i, report) in reports.iter().enumerate() {
         let field = |name: &str, value: &str, max: usize| {
@@ -430,17 +434,19 @@ mod tests {
         let mut bad = report("r2");
         bad["outcome"] = "done".into();
         let body = serde_json::to_vec(&vec![report("r1"), bad]).unwrap();
-        let err = parse_batch(&body).unwrap_err().to_string();
+        let err = parse_batch(&body, MAX_BATCH).unwrap_err().to_string();
         assert!(err.contains("unknown variant `done`"), "{err}");
 
         let mut no_agent = report("r3");
         no_agent["agent"] = "".into();
-        let err = parse_batch(&serde_json::to_vec(&vec![no_agent]).unwrap()).unwrap_err();
+        let err =
+            parse_batch(&serde_json::to_vec(&vec![no_agent]).unwrap(), MAX_BATCH).unwrap_err();
         assert!(err.to_string().contains("report 0: field `agent`"), "{err}");
 
         let mut bad_bundle = report("r4");
         bad_bundle["bundle"] = "kb123".into();
-        let err = parse_batch(&serde_json::to_vec(&vec![bad_bundle]).unwrap()).unwrap_err();
+        let err =
+            parse_batch(&serde_json::to_vec(&vec![bad_bundle]).unwrap(), MAX_BATCH).unwrap_err();
         assert!(err.to_string().contains("field `bundle`"), "{err}");
     }
 
@@ -448,9 +454,15 @@ mod tests {
     fn spool_keeps_batches_durably_drops_duplicates_and_has_a_bound() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 2000).unwrap();
-        let batch = parse_batch(&serde_json::to_vec(&vec![report("a"), report("b")]).unwrap());
+        let batch = parse_batch(
+            &serde_json::to_vec(&vec![report("a"), report("b")]).unwrap(),
+            MAX_BATCH,
+        );
         assert_eq!(spool.append(batch.unwrap()).unwrap(), 2);
-        let again = parse_batch(&serde_json::to_vec(&vec![report("b"), report("c")]).unwrap());
+        let again = parse_batch(
+            &serde_json::to_vec(&vec![report("b"), report("c")]).unwrap(),
+            MAX_BATCH,
+        );
         assert_eq!(
             spool.append(again.unwrap()).unwrap(),
             1,
@@ -461,7 +473,7 @@ mod tests {
         let reopened = Spool::open(dir.path(), 2000).unwrap();
         assert_eq!(reopened.batches().unwrap().len(), 2);
         let many: Vec<_> = (0..20).map(|i| report(&format!("x{i}"))).collect();
-        let many = parse_batch(&serde_json::to_vec(&many).unwrap()).unwrap();
+        let many = parse_batch(&serde_json::to_vec(&many).unwrap(), MAX_BATCH).unwrap();
         assert!(matches!(reopened.append(many), Err(ReportError::SpoolFull)));
         assert_eq!(reopened.refused_full.load(Ordering::Relaxed), 1);
     }

@@ -79,6 +79,24 @@ pub struct AppState {
     pub beacon_outbox: Option<std::path::PathBuf>,
     /// Highest beacon sequence seen per relay, to refuse replays.
     pub beacon_seqs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Largest report body and batch accepted (`[server] max_report_body`, `_batch`).
+    pub report_limits: ReportLimits,
+}
+
+/// How large a `POST /v1/reports` may be, in bytes and in reports.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportLimits {
+    pub max_body: usize,
+    pub max_batch: usize,
+}
+
+impl From<&crate::config::ServerConfig> for ReportLimits {
+    fn from(server: &crate::config::ServerConfig) -> Self {
+        Self {
+            max_body: server.max_report_body,
+            max_batch: server.max_report_batch,
+        }
+    }
 }
 
 impl AppState {
@@ -109,6 +127,7 @@ impl AppState {
             beacon_outbox: None,
             beacon_max_skew: Duration::from_secs(300),
             beacon_seqs: Default::default(),
+            report_limits: ReportLimits::from(&crate::config::ServerConfig::default()),
         }
     }
 }
@@ -147,6 +166,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{what} exceeds the limit of {limit}")]
+    TooLarge { what: &'static str, limit: String },
     #[error("the report spool is full; retry later")]
     SpoolFull,
     #[error("this must carry an X-Patchrelay-Signature")]
@@ -186,6 +207,7 @@ impl ApiError {
             Self::Unauthorized | Self::Unsigned => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::BadSignature => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Self::Limited(_) | Self::SpoolFull | Self::FillsBusy { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -252,6 +274,48 @@ impl ApiError {
         builder
             .body(body::full(json))
             .expect("error responses use valid headers")
+    }
+}
+
+impl ApiError {
+    /// A batch refused for its content (400) or its size (413).
+    pub(crate) fn from_report(e: ReportError) -> Self {
+        match e {
+            ReportError::TooMany { max, .. } => Self::TooLarge {
+                what: "the reports batch",
+                limit: format!("{max} reports"),
+            },
+            other => Self::BadRequest(other.to_string()),
+        }
+    }
+}
+
+/// Reads a request body of at most `max` bytes: a larger `Content-Length` is refused
+/// before any byte is read, a body that grows past `max` as soon as it does (413).
+pub(crate) async fn read_body(
+    request: Request<Incoming>,
+    what: &'static str,
+    max: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || ApiError::TooLarge {
+        what,
+        limit: crate::units::format_size(max as u64),
+    };
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(request.into_body(), max)
+        .collect()
+        .await
+    {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::BadRequest(format!("{what}: {e}"))),
     }
 }
 
@@ -376,11 +440,8 @@ async fn accept_reports(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let from_relay = request.headers().contains_key(RELAY_HEADER);
-    let body = http_body_util::Limited::new(request.into_body(), reports::MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("reports body: {e}")))?
-        .to_bytes();
+    let limits = state.report_limits;
+    let body = read_body(request, "the reports body", limits.max_body).await?;
     if let Some(key) = &state.beacon_key {
         match &signature {
             Some(sig) if !reports::verify(key, &body, sig) => return Err(ApiError::BadSignature),
@@ -388,7 +449,7 @@ async fn accept_reports(
             _ => {}
         }
     }
-    let mut batch = reports::parse_batch(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut batch = reports::parse_batch(&body, limits.max_batch).map_err(ApiError::from_report)?;
     if !from_relay {
         for report in &mut batch {
             report.relay = Some(state.relay_id.clone());

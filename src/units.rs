@@ -105,9 +105,27 @@ pub fn format_rate(bytes_per_second: Option<u64>) -> String {
     }
 }
 
+/// Formats a byte count for messages: whole KiB, MiB or GiB when it is one, else bytes.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes % size == 0 {
+            return format!("{} {unit}", bytes / size);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_format_in_the_largest_whole_unit() {
+        assert_eq!(format_size(4 << 20), "4 MiB");
+        assert_eq!(format_size(1536), "1536 bytes");
+        assert_eq!(format_size(64 << 10), "64 KiB");
+        assert_eq!(format_size(0), "0 bytes");
+    }
 
     #[test]
     fn rates_in_bits_and_bytes() {

@@ -194,6 +194,11 @@ fn checked_in_example_config_is_valid() {
     let config = patchrelay::config::Config::load(&path).expect("relay.toml is valid");
     assert!(config.is_root());
     assert_eq!(config.relay.listen.to_string(), "127.0.0.1:7420");
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("monitor.toml");
+    let monitor = patchrelay::monitor::MonitorConfig::load(&path).expect("monitor.toml is valid");
+    assert_eq!(monitor.listen.to_string(), "127.0.0.1:7500");
+    assert!(monitor.tls.is_none() && monitor.checks.tls.is_none());
 }
 
 #[tokio::test]

@@ -123,6 +123,35 @@ async fn a_slowloris_client_is_cut_off_while_downloads_continue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let relay = relay_with(dir.path(), &origin, "header_timeout = \"500ms\"\n").await;
+
+    // One answered request on a keep-alive connection, then nothing more from the client.
+    let mut idle = connect_from([127, 0, 0, 6], relay.local_addr()).await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: relay\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut answer)).await;
+    let closed_after = answered.elapsed();
+
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        read.is_ok(),
+        "the relay kept an idle connection open for 10 s"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(400),
+        "closed after {closed_after:?}, before the timeout"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enormous_header_gets_431() {
     let dir = tempfile::tempdir().unwrap();
     let origin = MockUpstream::start(Behavior::Normal).await;
@@ -178,10 +207,11 @@ async fn more_cold_bundles_than_max_fills_get_503_while_the_running_fill_complet
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_and_oversized_report_batches_are_400_and_change_nothing() {
+async fn invalid_report_batches_are_400_oversized_ones_413_and_nothing_is_spooled() {
     let dir = tempfile::tempdir().unwrap();
     let origin = MockUpstream::start(Behavior::Normal).await;
-    let relay = relay_with(dir.path(), &origin, "").await;
+    let limits = "max_report_body = \"1 MiB\"\nmax_report_batch = 2\n";
+    let relay = relay_with(dir.path(), &origin, limits).await;
     let addr = relay.local_addr();
     let post = |body: Vec<u8>| async move {
         let mut stream = connect_from([127, 0, 0, 7], addr).await;
@@ -199,10 +229,32 @@ async fn invalid_and_oversized_report_batches_are_400_and_change_nothing() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("\"error\""), "{answer}");
 
-    let huge = format!("[\"{}\"]", "x".repeat(5 * 1024 * 1024)).into_bytes();
-    let answer = post(huge).await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert!(answer.contains("length limit"), "{answer}");
+    // A body declared larger than the limit is refused before a byte of it is read (only
+    // the head is sent, so the refusal cannot race the client's writes).
+    let mut stream = connect_from([127, 0, 0, 7], addr).await;
+    let head = "POST /v1/reports HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n\
+                content-length: 2097152\r\n\r\n";
+    let answer = exchange(&mut stream, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("the reports body exceeds the limit of 1 MiB"),
+        "{answer}"
+    );
+
+    let report = |id: &str| {
+        serde_json::json!({
+            "report_id": id, "agent": "pc-1", "deployment": "d",
+            "bundle": patchrelay::bundle::BundleId::of(b"kb").to_string(),
+            "outcome": "installed", "detail": "", "at": "2026-12-08T07:00:00Z"
+        })
+    };
+    let three = serde_json::to_vec(&vec![report("a"), report("b"), report("c")]).unwrap();
+    let answer = post(three).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("the reports batch exceeds the limit of 2 reports"),
+        "{answer}"
+    );
 
     // Nothing was spooled (the spool exists, and is empty).
     let spool = dir.path().join("edge-cache").join("spool").join("reports");

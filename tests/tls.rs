@@ -231,3 +231,145 @@ fn https_parents_need_a_ca_and_tls_files_go_in_pairs() {
         "{err}"
     );
 }
+
+/// A GET over HTTPS verified by `ca`, showing `client` when given; the status, or the
+/// connection error.
+async fn https_get(
+    url: &str,
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+
+    let files = patchrelay::tls::ClientFiles {
+        ca: ca.to_path_buf(),
+        cert_and_key: client.map(|(c, k)| (c.to_path_buf(), k.to_path_buf())),
+    };
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let connector = patchrelay::tls::connector(http, Some(&files)).unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+    let response = client
+        .get(url.parse().unwrap())
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        status,
+        String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_over_mutual_tls_takes_beacons_and_checks_an_https_relay() {
+    use patchrelay::monitor::{relay_views, Monitor, MonitorConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    write_secret(
+        &dir.path().join("beacon.key"),
+        [7u8; 32].map(|b| format!("{b:02x}")).concat(),
+    );
+    write_secret(
+        &dir.path().join("admin.token"),
+        "tls-admin-token-0123456789",
+    );
+    let origin = MockUpstream::start(Behavior::Normal).await;
+
+    // Both sides require client certificates signed by the test CA and show theirs.
+    let monitor_toml = format!(
+        "[monitor]\nid = \"central\"\nlisten = \"127.0.0.1:0\"\ndatabase = \"m.db\"\n\
+         tls_cert = {cert:?}\ntls_key = {key:?}\nclient_ca = {ca:?}\n\
+         [beacon]\nkey_file = \"beacon.key\"\ninterval = \"200ms\"\n\
+         [checks]\ninterval = \"200ms\"\ntimeout = \"2s\"\nca_file = {ca:?}\n\
+         client_cert = {ccert:?}\nclient_key = {ckey:?}\n",
+        cert = pki.server_cert,
+        key = pki.server_key,
+        ca = pki.ca,
+        ccert = pki.client_cert,
+        ckey = pki.client_key,
+    );
+    let config = MonitorConfig::parse(&monitor_toml, "monitor.toml", dir.path()).unwrap();
+    let monitor = Monitor::start(config).await.expect("monitor starts");
+    let monitor_url = format!("https://127.0.0.1:{}", monitor.addr().port());
+
+    let relay_toml = format!(
+        "[relay]\nid = \"branch\"\nsite = \"lyon\"\nlisten = \"127.0.0.1:0\"\n\
+         cache_dir = \"branch-cache\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+         client_ca = {ca:?}\n\
+         [upstream]\norigin = \"{origin}\"\nca_file = {ca:?}\nclient_cert = {ccert:?}\n\
+         client_key = {ckey:?}\n\
+         [monitor]\nurl = \"{monitor_url}\"\n\
+         [beacon]\nkey_file = \"beacon.key\"\ninterval = \"200ms\"\n\
+         [admin]\ntoken_file = \"admin.token\"\n",
+        cert = pki.server_cert,
+        key = pki.server_key,
+        ca = pki.ca,
+        ccert = pki.client_cert,
+        ckey = pki.client_key,
+        origin = origin.origin_template(),
+    );
+    let relay = relay_from(dir.path(), &relay_toml).await;
+
+    // The monitor hears the relay's beacons and gets answers from its /readyz, both over
+    // mutual TLS, and so calls it up.
+    let store = monitor.state().store.clone();
+    let seen = within(20, async {
+        loop {
+            let views = relay_views(&store).unwrap();
+            let up = views.into_iter().find(|v| {
+                v.relay.id == "branch"
+                    && v.relay.last_beacon_at.is_some()
+                    && v.relay.check_answered
+                    && v.relay.state.is_some_and(|s| s.as_str() == "up")
+            });
+            if let Some(up) = up {
+                return up;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(seen.relay.url.starts_with("https://"), "{}", seen.relay.url);
+
+    // The dashboard answers a client with a certificate, and no one without.
+    let page = https_get(
+        &format!("{monitor_url}/"),
+        &pki.ca,
+        Some((&pki.client_cert, &pki.client_key)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(page.0, 200);
+    assert!(page.1.contains("branch"), "the tree lists the relay");
+    assert!(https_get(&format!("{monitor_url}/"), &pki.ca, None)
+        .await
+        .is_err());
+
+    // The admin CLI reaches the HTTPS relay with the TLS settings of its config.
+    let config_path = dir.path().join("relay.toml");
+    let listen = format!("listen = \"{}\"", relay.local_addr());
+    std::fs::write(
+        &config_path,
+        relay_toml.replace("listen = \"127.0.0.1:0\"", &listen),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchrelay"))
+        .args(["cache", "-c", config_path.to_str().unwrap(), "--json", "ls"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cache ls over HTTPS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    relay.shutdown().await;
+    monitor.shutdown().await;
+}

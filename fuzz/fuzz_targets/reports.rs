@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 const KEY: [u8; 32] = [3; 32];
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(batch) = patchrelay::reports::parse_batch(data) {
+    if let Ok(batch) = patchrelay::reports::parse_batch(data, patchrelay::reports::MAX_BATCH) {
         assert!(batch.len() <= patchrelay::reports::MAX_BATCH);
     }
     let signature = patchrelay::reports::sign(&KEY, data);

@@ -4,12 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 
-use bytes::Bytes;
 use clap::Subcommand;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Method;
 
 use crate::admin::{self, CacheListing, Verified};
 use crate::bundle::BundleId;
@@ -101,14 +97,32 @@ fn online_call(config: &Config, command: &CacheCommand) -> Result<Output, String
         CacheCommand::Purge { id } => (Method::DELETE, format!("cache/{id}")),
         CacheCommand::Verify => (Method::POST, "verify".to_string()),
     };
-    let url = format!("http://{}/v1/admin/{path}", reachable(config.relay.listen));
-    let body = call(method, &url, &token)?;
+    let url = format!("{}/v1/admin/{path}", relay_url(config));
+    let body = super::http::Call {
+        method,
+        url: &url,
+        token: Some(&token),
+        body: Vec::new(),
+        tls: config.upstream.tls.as_ref(),
+        what: "relay",
+    }
+    .send()?;
     let parse = |e: serde_json::Error| format!("{url}: unexpected answer: {e}");
     Ok(match command {
         CacheCommand::Ls => Output::Listing(serde_json::from_slice(&body).map_err(parse)?),
         CacheCommand::Verify => Output::Verified(serde_json::from_slice(&body).map_err(parse)?),
         _ => Output::Done(serde_json::from_slice(&body).map_err(parse)?),
     })
+}
+
+/// The base URL of the relay `config` describes, from this machine: its advertised URL
+/// when it serves HTTPS (its certificate names that host), else its listen address.
+fn relay_url(config: &Config) -> String {
+    match (&config.relay.tls, &config.relay.advertise_url) {
+        (Some(_), Some(url)) => url.as_str().to_string(),
+        (Some(_), None) => format!("https://{}", reachable(config.relay.listen)),
+        (None, _) => format!("http://{}", reachable(config.relay.listen)),
+    }
 }
 
 /// The address to reach a relay listening on `listen` from this machine.
@@ -118,39 +132,6 @@ pub(super) fn reachable(listen: SocketAddr) -> SocketAddr {
         IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, listen.port()).into(),
         _ => listen,
     }
-}
-
-fn call(method: Method, url: &str, token: &str) -> Result<Vec<u8>, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-        let request = Request::builder()
-            .method(method)
-            .uri(url)
-            .header("authorization", format!("Bearer {token}"))
-            .body(Empty::new())
-            .map_err(|e| format!("{url}: {e}"))?;
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| format!("{url}: relay not reachable ({e}); is it running?"))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        let body = body.to_bytes().to_vec();
-        if !status.is_success() {
-            let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let message = error["error"].as_str().unwrap_or("no details");
-            return Err(format!("{url}: {status}: {message}"));
-        }
-        Ok(body)
-    })
 }
 
 fn print(command: &CacheCommand, output: Output, json: bool) -> ExitCode {

@@ -4,13 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Method;
 
 use crate::monitor::attribution::DeploymentReport;
 use crate::monitor::store::Target;
@@ -108,8 +104,32 @@ fn serve(config: MonitorConfig) -> ExitCode {
 }
 
 fn base_url(config: &MonitorConfig, url: Option<String>) -> String {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     url.map(|u| u.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| format!("http://{}", super::cache::reachable(config.listen)))
+        .unwrap_or_else(|| format!("{scheme}://{}", super::cache::reachable(config.listen)))
+}
+
+/// One call to the monitor, with the TLS settings of its own checks.
+fn call(
+    config: &MonitorConfig,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    super::http::Call {
+        method,
+        url,
+        token,
+        body,
+        tls: config.checks.tls.as_ref(),
+        what: "monitor",
+    }
+    .send()
 }
 
 /// Parses `--deadline`: RFC 3339, or a duration from `now`.
@@ -188,7 +208,7 @@ fn deploy(
         .ok_or("the monitor's config has no [admin] token_file; deployments need it")?;
     let body = serde_json::to_vec(&deployment).map_err(|e| e.to_string())?;
     let url = format!("{}/v1/deployments", base_url(config, url));
-    call(Method::POST, &url, Some(&token), body)?;
+    call(config, Method::POST, &url, Some(&token), body)?;
     println!(
         "deployment {} created: {} targets, deadline {}",
         deployment.id,
@@ -205,7 +225,7 @@ fn report(
     url: Option<String>,
 ) -> Result<(), String> {
     let url = format!("{}/v1/deployments/{deployment}", base_url(config, url));
-    let body = call(Method::GET, &url, None, Vec::new())?;
+    let body = call(config, Method::GET, &url, None, Vec::new())?;
     if json {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());
@@ -315,44 +335,6 @@ pub fn render_report(r: &DeploymentReport) -> String {
         }
     }
     out
-}
-
-fn call(method: Method, url: &str, token: Option<&str>, body: Vec<u8>) -> Result<Vec<u8>, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let mut request = Request::builder()
-            .method(method)
-            .uri(url)
-            .header("content-type", "application/json");
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("{url}: {e}"))?;
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| format!("{url}: monitor not reachable ({e}); is it running?"))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?
-            .to_bytes()
-            .to_vec();
-        if !status.is_success() {
-            let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let message = error["error"].as_str().unwrap_or("no details");
-            return Err(format!("{url}: {status}: {message}"));
-        }
-        Ok(body)
-    })
 }
 
 #[cfg(test)]

@@ -17,13 +17,18 @@ use tracing::{info, warn};
 use super::config::MonitorConfig;
 use super::store::{CheckResult, RelayRow, RelayState, Store, StoreError};
 
-/// The HTTP client of the checks.
-pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+/// The HTTP client of the checks: plain, and `https://` verified by `[checks] ca_file`.
+pub type HttpClient = Client<crate::tls::Connector, Empty<Bytes>>;
 
-pub fn client(timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(timeout));
-    Client::builder(TokioExecutor::new()).build(connector)
+pub fn client(
+    timeout: Duration,
+    tls: Option<&crate::tls::ClientFiles>,
+) -> Result<HttpClient, crate::tls::TlsError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(timeout));
+    http.enforce_http(false);
+    let connector = crate::tls::connector(http, tls)?;
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
 /// A relay's state at `now` from what the monitor last heard, why, and since when (the
@@ -393,8 +398,13 @@ pub fn bundle_verdict(answers: &[(String, Result<bool, String>)]) -> (&'static s
 /// Runs [`round`] and [`bundle_round`] every `[checks] interval`, or at once when
 /// `wake` is notified (a new deployment), and prunes history older than
 /// `[monitor] retention` once an hour, until the task is dropped. Rounds never overlap.
-pub async fn run(store: Arc<Store>, config: MonitorConfig, started: i64, wake: Arc<Notify>) {
-    let client = client(config.checks.timeout);
+pub async fn run(
+    store: Arc<Store>,
+    config: MonitorConfig,
+    client: HttpClient,
+    started: i64,
+    wake: Arc<Notify>,
+) {
     let mut tick = tokio::time::interval(config.checks.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pruned = std::time::Instant::now();

@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{AdminConfig, BaseUrl, BeaconConfig, ConfigError, Ctx};
+use crate::config::{
+    AdminConfig, BaseUrl, BeaconConfig, ConfigError, Ctx, RawServer, ServerConfig,
+};
 
 /// A validated monitor configuration.
 #[derive(Debug, Clone)]
@@ -28,6 +30,11 @@ pub struct MonitorConfig {
     pub attribution: AttributionConfig,
     /// `[admin] token_file`: protects `POST /v1/deployments`.
     pub admin: AdminConfig,
+    /// `tls_cert` + `tls_key` (and `client_ca`) of `[monitor]`: serve HTTPS, and with
+    /// `client_ca` require client certificates (relays, and the CLI). `None` = plain HTTP.
+    pub tls: Option<crate::tls::ServerFiles>,
+    /// `[server]`: connection limits and report sizes, as on a relay (no `max_fills`).
+    pub server: ServerConfig,
 }
 
 /// `[checks]`: the monitor's own health checks of the relays.
@@ -44,6 +51,10 @@ pub struct ChecksConfig {
     pub failed_checks: u32,
     /// Relays checked even before (or without) a beacon from them.
     pub relays: Vec<BaseUrl>,
+    /// `ca_file` (and `client_cert` + `client_key`): how `https://` relays are verified,
+    /// and the certificate shown to relays that require one. Also what `monitor deploy`
+    /// and `monitor report` use to reach an HTTPS monitor.
+    pub tls: Option<crate::tls::ClientFiles>,
 }
 
 /// `[attribution]`: the thresholds of the failure attribution rules.
@@ -74,6 +85,7 @@ impl Default for ChecksConfig {
             missed_beacons: 3,
             failed_checks: 3,
             relays: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -86,6 +98,7 @@ struct RawConfig {
     checks: Option<RawChecks>,
     attribution: Option<RawAttribution>,
     admin: Option<RawAdmin>,
+    server: Option<RawServer>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +108,9 @@ struct RawMonitor {
     listen: Spanned<String>,
     database: Spanned<String>,
     retention: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +130,9 @@ struct RawChecks {
     failed_checks: Option<Spanned<u32>>,
     #[serde(default)]
     relays: Vec<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +243,11 @@ impl MonitorConfig {
             for url in &raw.relays {
                 checks.relays.push(ctx.base_url("checks.relays", url)?);
             }
+            checks.tls = ctx.client_tls(
+                "checks",
+                [&raw.ca_file, &raw.client_cert, &raw.client_key],
+                base_dir,
+            )?;
         }
 
         let mut attribution = AttributionConfig::default();
@@ -249,6 +273,19 @@ impl MonitorConfig {
         let admin = AdminConfig {
             token_file: file(raw.admin.and_then(|a| a.token_file)),
         };
+        let tls = ctx.server_tls(
+            "monitor",
+            [
+                &raw.monitor.tls_cert,
+                &raw.monitor.tls_key,
+                &raw.monitor.client_ca,
+            ],
+            base_dir,
+        )?;
+        let server = match raw.server {
+            Some(raw) => ctx.monitor_server(raw)?,
+            None => ServerConfig::default(),
+        };
         Ok(Self {
             id,
             listen,
@@ -258,6 +295,8 @@ impl MonitorConfig {
             checks,
             attribution,
             admin,
+            tls,
+            server,
         })
     }
 }
@@ -288,10 +327,17 @@ mod tests {
             "{MINIMAL}[beacon]\nkey_file = \"b.key\"\nmax_skew = \"1m\"\ninterval = \"10s\"\n\
              [checks]\ninterval = \"5s\"\ntimeout = \"1s\"\nmissed_beacons = 2\n\
              failed_checks = 4\nrelays = [\"http://10.0.0.1:7420\"]\n\
+             ca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"\n\
              [attribution]\nsite_threshold = 0.8\npolicy_min_sites = 3\n\
-             [admin]\ntoken_file = \"admin.token\"\n"
+             [admin]\ntoken_file = \"admin.token\"\n\
+             [server]\nmax_connections = 50\nmax_report_body = \"8 MiB\"\n"
         );
         let config = parse(&text).unwrap();
+        let tls = config.checks.tls.clone().unwrap();
+        assert_eq!(tls.ca, Path::new("/etc/patchrelay/ca.pem"));
+        assert!(tls.cert_and_key.is_some());
+        assert_eq!(config.server.max_connections, 50);
+        assert_eq!(config.server.max_report_body, 8 << 20);
         assert_eq!(
             config.beacon.key_file.as_deref(),
             Some(Path::new("/etc/patchrelay/b.key"))
@@ -326,6 +372,18 @@ mod tests {
         let err = parse(&format!("{MINIMAL}colour = \"blue\"\n")).unwrap_err();
         assert!(err.to_string().contains("monitor.toml:4"), "{err}");
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+        let err = parse(&format!("{MINIMAL}[server]\nmax_fills = 3\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("monitor.toml:5: server.max_fills: a monitor fetches no bundles"),
+            "{err}"
+        );
+        let err = parse(&format!("{MINIMAL}tls_key = \"k.pem\"\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("monitor.tls_cert: tls_cert and tls_key go together"),
+            "{err}"
+        );
         let err = parse("[monitor]\nlisten = \"here\"\ndatabase = \"m.db\"\n").unwrap_err();
         assert!(err
             .to_string()
