@@ -51,6 +51,11 @@ fn nginx_binary() -> PathBuf {
         }
     }
     eprintln!("nginx not found: installing Debian's nginx-light");
+    // A fresh machine has no package lists yet; a failed update may still leave usable ones.
+    let _ = Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
     let status = Command::new("apt-get")
         .args(["install", "-y", "-q", "nginx-light"])
         .env("DEBIAN_FRONTEND", "noninteractive")

@@ -108,8 +108,10 @@ impl RangeReader {
         let (file, pos) = (self.file.clone(), self.pos);
         let read = if self.fresh {
             read_chunk(&file, pos, len)
+        } else if let Some(read) = read_chunk_if_in_memory(&file, pos, len) {
+            read
         } else {
-            // A cached bundle may have left memory: a read may wait for the disk.
+            // The pages have left memory: the read waits for the disk, off the async threads.
             tokio::task::spawn_blocking(move || read_chunk(&file, pos, len))
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)))
@@ -117,7 +119,7 @@ impl RangeReader {
 
         match read {
             Ok(bytes) => {
-                self.pos += len as u64;
+                self.pos += bytes.len() as u64;
                 Some(Ok(bytes))
             }
             Err(e) => {
@@ -161,6 +163,30 @@ impl RangeReader {
                 return Err(io::Error::other("fill ended without an outcome"));
             }
         }
+    }
+}
+
+/// Reads up to `len` bytes at `pos` on the calling (async) thread, but only what is in the
+/// page cache (`RWF_NOWAIT`): never waits for the disk. `None` when nothing could be read
+/// that way, so the caller reads through the blocking pool. A hot bundle then costs no
+/// hand-off between threads per chunk.
+fn read_chunk_if_in_memory(file: &File, pos: u64, len: usize) -> Option<io::Result<Bytes>> {
+    use rustix::io::{preadv2, ReadWriteFlags};
+
+    let mut buf = Pooled(pool_take());
+    let read = {
+        let mut slices = [io::IoSliceMut::new(&mut buf.0[..len])];
+        preadv2(file, &mut slices, pos, ReadWriteFlags::NOWAIT)
+    };
+    match read {
+        // Some of the range is in memory: send that much now.
+        Ok(n) if n > 0 => {
+            buf.0.truncate(n);
+            Some(Ok(Bytes::from_owner(buf)))
+        }
+        // Not in memory (EAGAIN), not supported by this file system, or an early end of
+        // file: the blocking read decides, and reports a real error.
+        _ => None,
     }
 }
 

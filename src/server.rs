@@ -48,9 +48,11 @@ pub const RELAY_HEADER: &str = "x-patchrelay-relay";
 pub const CACHE_HEADER: &str = "x-patchrelay-cache";
 
 /// Most bytes hyper may hold queued for one connection (and the most a request head may
-/// take). Hyper's default (~400 KiB) made 100 downloads cost 60 MiB of queued body; one
-/// read chunk keeps the socket busy just as well.
-const CONNECTION_BUFFER: usize = body::READ_CHUNK;
+/// take). Hyper's default (~400 KiB) made 100 downloads cost 60 MiB of queued body. Two
+/// read chunks, not one: hyper asks the body for the next chunk while the previous one is
+/// still being written, so reading and sending overlap (with one, each connection
+/// alternated between them: hot hits went from 2.0 to 3.0 GiB/s with two).
+const CONNECTION_BUFFER: usize = 2 * body::READ_CHUNK;
 
 /// What every request handler can reach.
 #[derive(Debug)]

@@ -84,11 +84,12 @@ async fn least_recently_used_bundles_are_evicted_first_even_across_a_restart() {
 async fn pinned_and_in_use_bundles_are_never_evicted() {
     let dir = tempfile::tempdir().unwrap();
     let origin = MockUpstream::start(Behavior::Normal).await;
-    // Bundles of 4 MB: an agent that stops reading leaves its download running (socket
-    // buffers hold far less), so the relay is still serving it.
-    let bundles = four_bundles(&origin, 4_000_000);
+    // Bundles of 24 MB: an agent that stops reading leaves its download running (loopback
+    // socket buffers can grow to a few MB, far less than this), so the relay is still
+    // serving it.
+    let bundles = four_bundles(&origin, 24_000_000);
     let (a, b, c) = (bundles[0].0, bundles[1].0, bundles[2].0);
-    let extra = format!("cache_max = \"10 MB\"\npins = [\"{a}\"]");
+    let extra = format!("cache_max = \"60 MB\"\npins = [\"{a}\"]");
     let (relay, _) = bounded_relay(dir.path(), &origin, &extra).await;
 
     fetch(&relay, &a).await;
@@ -109,7 +110,7 @@ async fn pinned_and_in_use_bundles_are_never_evicted() {
     let body = http_body_util::BodyExt::collect(reading_b.into_body())
         .await
         .unwrap();
-    assert_eq!(body.to_bytes().len(), 4_000_000);
+    assert_eq!(body.to_bytes().len(), 24_000_000);
     fetch(&relay, &c).await;
     assert!(cached(dir.path(), "edge", &a), "pinned bundles stay");
     assert!(!cached(dir.path(), "edge", &b));
