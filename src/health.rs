@@ -14,11 +14,17 @@ use crate::admin;
 use crate::body::ResponseBody;
 use crate::server::{ApiError, AppState};
 
+/// How a degraded state says that a relay can reach none of its upstream sources; the
+/// monitor counts a relay in this state as failing for the bundles it lacked.
+pub const UPSTREAM_UNREACHABLE: &str = "upstream unreachable";
+
 /// `GET /readyz`.
 #[derive(Debug, Serialize)]
 pub struct Readiness {
     pub ready: bool,
     pub relay: String,
+    /// The relay's site (`[relay] site`), so a monitor that has only checked it knows it.
+    pub site: String,
     pub version: &'static str,
     /// Checks that failed; empty when ready.
     pub failed: Vec<String>,
@@ -81,6 +87,19 @@ pub async fn readiness(state: &AppState) -> Readiness {
         .iter()
         .filter(|(_, h)| h.consecutive_failures == 0)
         .count();
+    // A root still serves its cache when its origin fails, so it stays ready; but it
+    // cannot fetch anything new, which the monitor must be able to tell from a policy
+    // problem (every site failing the same way).
+    let failed_lately = |h: &crate::upstream::SourceHealth| {
+        h.consecutive_failures > 0 && h.last_failure.is_some_and(|t| t.elapsed() <= window)
+    };
+    if state.is_root && !sources.is_empty() && sources.iter().all(|(_, h)| failed_lately(h)) {
+        let (url, health) = &sources[0];
+        let why = health.last_error.as_deref().unwrap_or("failing");
+        degraded.push(format!(
+            "{UPSTREAM_UNREACHABLE}: every source failed its last fetch ({url}: {why})"
+        ));
+    }
     for (url, health) in &sources {
         if health.consecutive_failures > 0 && answering > 0 {
             let why = health.last_error.as_deref().unwrap_or("failing");
@@ -105,6 +124,7 @@ pub async fn readiness(state: &AppState) -> Readiness {
     Readiness {
         ready: failed.is_empty(),
         relay: state.relay_id.clone(),
+        site: state.relay_site.clone(),
         version: env!("CARGO_PKG_VERSION"),
         failed,
         degraded,

@@ -162,6 +162,7 @@ impl Relay {
             upstream.clone(),
         );
         state.is_root = config.is_root();
+        state.relay_site = config.relay.site.clone();
         state.health_interval = config.health_interval;
         state.beacon_key = beacon_key;
         state.beacon_max_skew = config.beacon.max_skew;

@@ -58,6 +58,8 @@ const CONNECTION_BUFFER: usize = 2 * body::READ_CHUNK;
 #[derive(Debug)]
 pub struct AppState {
     pub relay_id: String,
+    /// `[relay] site`, shown in `/readyz`.
+    pub relay_site: String,
     relay_id_header: HeaderValue,
     pub cache: Arc<Cache>,
     pub fills: Arc<Fills>,
@@ -115,6 +117,7 @@ impl AppState {
             HeaderValue::from_str(relay_id).expect("config validation keeps relay ids header-safe");
         Self {
             relay_id: relay_id.to_string(),
+            relay_site: String::new(),
             relay_id_header,
             cache,
             fills,

@@ -124,6 +124,8 @@ pub struct SourceHealth {
     pub last_success: Option<Instant>,
     /// Failures (no answer, an error status, a broken transfer) since then.
     pub consecutive_failures: u32,
+    /// When it last failed.
+    pub last_failure: Option<Instant>,
     pub last_error: Option<String>,
     /// Failures in all.
     pub errors_total: u64,
@@ -239,6 +241,7 @@ impl Upstream {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         let entry = health.entry(source).or_default();
         entry.consecutive_failures += 1;
+        entry.last_failure = Some(Instant::now());
         entry.errors_total += 1;
         entry.last_error = Some(error.to_string());
     }

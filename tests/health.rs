@@ -83,6 +83,39 @@ async fn readyz_follows_the_parent_going_away_and_coming_back() {
     parent.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_whose_origin_fails_stays_ready_but_says_its_upstream_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Unavailable).await;
+    let config = relay_config_with(
+        "root",
+        dir.path(),
+        &[],
+        Some(&origin.origin_template()),
+        "[health]\ninterval = \"10s\"\n",
+    );
+    let root = Relay::start(&config).await.unwrap();
+    let (status, json) = get_json(&root, "/readyz").await;
+    assert_eq!((status, json["site"].as_str()), (200, Some("test")));
+    assert_eq!(json["degraded"], serde_json::json!([]));
+
+    // A fetch the origin refuses (503): the root still serves its cache, so it stays ready, but
+    // it says that nothing new can come down the tree.
+    let missing = origin.add(&content(1000, 5));
+    let got = TestClient::default()
+        .get(&bundle_url(&url_of(&root), &missing))
+        .await;
+    assert_eq!(got.status, 502);
+    let (status, json) = get_json(&root, "/readyz").await;
+    assert_eq!(status, 200);
+    let degraded = json["degraded"][0].as_str().unwrap_or_default();
+    assert!(
+        degraded.starts_with(patchrelay::health::UPSTREAM_UNREACHABLE),
+        "{json}"
+    );
+    root.shutdown().await;
+}
+
 #[tokio::test]
 async fn readyz_fails_when_the_cache_dir_takes_no_writes() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,10 +6,12 @@
 //! rules, in the order they are tried for each failed or missing target:
 //!
 //! 1. policy `bundle-missing`: the root relays answered 404 for the bundle;
-//! 2. policy `unknown-site`: no relay known to the monitor serves the target's site;
+//! 2. policy `unknown-site`: no relay known to the monitor serves the target's site (and
+//!    every relay it knows has told its site; else `unknown`);
 //! 3. policy `same-failure-everywhere`: at least `policy_min_sites` sites, every site of
-//!    the deployment has failures, every failure report carries the same detail, and no
-//!    target installed;
+//!    the deployment has failures, every failure report carries the same detail, no
+//!    target installed, and no relay any site depends on had a problem during the window
+//!    (a root that cannot reach its origin fails every site the same way, too);
 //! 4. relay `relay-unhealthy`: a relay of the target's site, or one above it, was down or
 //!    unready, or failed integrity for this bundle, during the window, and the failure is
 //!    site-wide (at least `site_threshold` of the site's targets failed or are missing);
@@ -242,7 +244,13 @@ fn topology<'a>(relays: &'a [RelayRow], history: &'a [StateChange]) -> Topology<
         let (mut above, mut unmatched) = (BTreeSet::new(), BTreeSet::new());
         let mut queue = vec![relay];
         while let Some(current) = queue.pop() {
-            for parent in &current.parents {
+            // The parent the relay last said it uses; all of them when it named none (none
+            // answered), since it would take whichever came back.
+            let parents = match &current.parent_in_use {
+                Some(used) => std::slice::from_ref(used),
+                None => current.parents.as_slice(),
+            };
+            for parent in parents {
                 match by_url.get(parent.trim_end_matches('/')) {
                     Some(up) if up.id != relay.id => {
                         if above.insert(up.id.as_str()) {
@@ -428,7 +436,12 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> DeploymentReport {
         .map(|(name, site)| (*name, site_context(snapshot, &topology, site, &outcomes)))
         .collect();
 
-    let policy = same_failure_everywhere(snapshot, &outcomes, &sites);
+    let relay_trouble = contexts.values().any(|c| !c.problems.is_empty());
+    let policy = if relay_trouble {
+        None
+    } else {
+        same_failure_everywhere(snapshot, &outcomes, &sites)
+    };
     let mut verdicts = Vec::new();
     let mut blamed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for target in &deployment.targets {
@@ -561,6 +574,20 @@ fn judge(
         );
     }
     if context.own.is_empty() {
+        let unplaced: Vec<&str> = snapshot
+            .relays
+            .iter()
+            .filter(|r| r.site.is_empty())
+            .map(|r| r.id.as_str())
+            .collect();
+        if !unplaced.is_empty() {
+            return unknown(format!(
+                "no relay known to serve site {:?}, but {} never told the monitor its site \
+                 (no beacon, no answered check)",
+                site.site,
+                unplaced.join(", ")
+            ));
+        }
         return (
             FailureClass::Policy,
             "unknown-site",
@@ -967,6 +994,67 @@ mod tests {
             (v.class, v.rule.as_str()),
             (FailureClass::Policy, "unknown-site")
         );
+    }
+
+    #[test]
+    fn a_site_is_not_called_unknown_while_a_relay_has_not_told_its_site() {
+        let mut w = world();
+        w.install("a", 0..10);
+        w.install("b", 0..10);
+        w.relays.push(relay("quiet", "", &["root"]));
+        w.deployment.targets.push(Target {
+            agent: "z1".into(),
+            site: "nowhere".into(),
+        });
+        let v = verdict(&w.evaluate(), "z1").clone();
+        assert_eq!(v.class, FailureClass::Unknown, "{v:?}");
+        assert!(v.evidence.contains("quiet never told"), "{}", v.evidence);
+    }
+
+    #[test]
+    fn a_root_that_cannot_reach_its_origin_is_relay_fail_not_a_policy() {
+        let mut w = world();
+        // Every target fails the same way: it would look like a policy problem...
+        for site in ["a", "b"] {
+            for i in 0..10 {
+                let agent = format!("{site}{i}");
+                w.reports
+                    .push(report(&agent, false, "download answered 502", T0 + 5000));
+            }
+        }
+        // ...but the root could not reach its origin during the window.
+        w.history
+            .push(change("root", T0 + 100, RelayState::Unready));
+        let report = w.evaluate();
+        let v = verdict(&report, "b3");
+        assert_eq!(
+            (v.class, v.rule.as_str()),
+            (FailureClass::Relay, "relay-unhealthy"),
+            "{v:?}"
+        );
+        assert_eq!(v.relays, vec!["root".to_string()]);
+    }
+
+    #[test]
+    fn a_standby_parent_that_is_down_is_not_blamed() {
+        let mut w = world();
+        w.relays.push(relay("spare", "hq", &[]));
+        w.history.push(change("spare", T0 - 1000, RelayState::Up));
+        w.history.push(change("spare", T0 + 100, RelayState::Down));
+        w.relays[2].parents = vec!["http://root".into(), "http://spare".into()];
+        w.relays[2].parent_in_use = Some("http://root".into());
+        w.install("a", 0..10);
+        w.install("b", 0..3);
+        for i in 3..10 {
+            w.reports
+                .push(report(&format!("b{i}"), false, "disk full", T0 + 5000));
+        }
+        let v = verdict(&w.evaluate(), "b5").clone();
+        assert_eq!(v.class, FailureClass::Agent, "{v:?}");
+
+        // With no parent in use (none answered), either could be the cause.
+        w.relays[2].parent_in_use = None;
+        assert_eq!(verdict(&w.evaluate(), "b5").class, FailureClass::Relay);
     }
 
     #[test]

@@ -124,6 +124,13 @@ pub fn derive_state(
         let reason = format!("not ready ({source}): {}", failed.join("; "));
         return Some((RelayState::Unready, reason, now));
     }
+    // A root whose origin fails still serves its cache (so it calls itself ready), but no
+    // bundle it lacks can reach the tree: for distribution, that is not ready.
+    let unreachable = crate::health::UPSTREAM_UNREACHABLE;
+    if let Some(why) = degraded.iter().find(|d| d.starts_with(unreachable)) {
+        let reason = format!("not ready for new bundles ({source}): {why}");
+        return Some((RelayState::Unready, reason, now));
+    }
     if !degraded.is_empty() {
         let reason = format!("degraded ({source}): {}", degraded.join("; "));
         return Some((RelayState::Degraded, reason, now));
@@ -192,6 +199,8 @@ pub async fn check(client: &HttpClient, url: &str, timeout: Duration) -> CheckRe
         ready: bool,
         relay: String,
         #[serde(default)]
+        site: String,
+        #[serde(default)]
         failed: Vec<String>,
         #[serde(default)]
         degraded: Vec<String>,
@@ -199,6 +208,7 @@ pub async fn check(client: &HttpClient, url: &str, timeout: Duration) -> CheckRe
     match serde_json::from_slice::<Readiness>(&body) {
         Ok(r) => CheckResult::Answered {
             relay: r.relay,
+            site: r.site,
             ready: r.ready,
             failed: r.failed,
             degraded: r.degraded,
@@ -463,6 +473,16 @@ mod tests {
             derive_state(&relay, now, 0, &config).unwrap().0,
             RelayState::Degraded
         );
+
+        // A ready root that can reach none of its sources cannot distribute anything new.
+        relay.beacon_degraded = vec![format!(
+            "{}: every source failed its last fetch",
+            crate::health::UPSTREAM_UNREACHABLE
+        )];
+        let (state, reason, _) = derive_state(&relay, now, 0, &config).unwrap();
+        assert_eq!(state, RelayState::Unready);
+        assert!(reason.contains("not ready for new bundles"), "{reason}");
+        relay.beacon_degraded = vec!["upstream failing over".into()];
 
         // A newer check saying "not ready" wins over the older beacon.
         relay.check_at = Some(now - 1_000);

@@ -122,6 +122,8 @@ pub enum CheckResult {
     /// `/readyz` answered (200 or 503) with this relay id and readiness.
     Answered {
         relay: String,
+        /// The relay's site; empty from a relay too old to say.
+        site: String,
         ready: bool,
         failed: Vec<String>,
         degraded: Vec<String>,
@@ -418,6 +420,7 @@ impl Store {
         match result {
             CheckResult::Answered {
                 relay,
+                site,
                 ready,
                 failed,
                 degraded,
@@ -453,9 +456,18 @@ impl Store {
                     "UPDATE relays SET check_at = ?2, check_answered = 1, check_ready = ?3,
                         check_failed = ?4, check_degraded = ?5, check_failures = 0,
                         check_failing_since = NULL, check_error = NULL,
-                        url = CASE WHEN url = '' THEN ?6 ELSE url END
+                        url = CASE WHEN url = '' THEN ?6 ELSE url END,
+                        site = CASE WHEN ?7 = '' THEN site ELSE ?7 END
                      WHERE id = ?1",
-                    params![relay, now, ready, to_json(failed), to_json(degraded), url],
+                    params![
+                        relay,
+                        now,
+                        ready,
+                        to_json(failed),
+                        to_json(degraded),
+                        url,
+                        site
+                    ],
                 )?;
             }
             CheckResult::Failed(error) => {
@@ -881,6 +893,7 @@ mod tests {
 
         let answer = CheckResult::Answered {
             relay: "lyon-1".into(),
+            site: "lyon".into(),
             ready: true,
             failed: vec![],
             degraded: vec![],
@@ -892,6 +905,7 @@ mod tests {
             (relays[0].id.as_str(), relays[0].url.as_str()),
             ("lyon-1", url)
         );
+        assert_eq!(relays[0].site, "lyon", "the check told the relay's site");
         assert_eq!(relays[0].check_failures, 0);
         assert_eq!(
             store.history(Some("lyon-1")).unwrap().len(),
