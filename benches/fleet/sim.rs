@@ -243,6 +243,19 @@ fn req_is_bundle(parts: &http::response::Parts) -> bool {
         .is_some_and(|v| v == "application/octet-stream")
 }
 
+/// When the monitor's installed curve (points `[seconds, share of all targets]`) first
+/// reached `share` of `installable` targets.
+fn time_to_share(curve: &Value, targets: u64, installable: u64, share: f64) -> Option<f64> {
+    if installable == 0 {
+        return None;
+    }
+    let needed = (share * installable as f64).ceil();
+    curve.as_array()?.iter().find_map(|point| {
+        let (at, installed_share) = (point[0].as_f64()?, point[1].as_f64()?);
+        (installed_share * targets as f64 + 0.5 >= needed).then_some(at)
+    })
+}
+
 /// Ground truth and the monitor's verdict use these names.
 pub const CLASSES: [&str; 4] = ["relay", "agent", "policy", "unknown"];
 
@@ -257,6 +270,11 @@ pub struct DeploymentLine {
     pub t75: Option<f64>,
     pub t90: Option<f64>,
     pub t100: Option<f64>,
+    /// Targets that could install: no injected fault on their path, no agent failure.
+    pub installable: u64,
+    /// Time to 75%, 90% and 100% of `installable`, from the monitor's installed curve:
+    /// how fast the fleet patches where nothing was broken on purpose.
+    pub of_installable: [Option<f64>; 3],
 }
 
 /// What a run measured.
@@ -336,16 +354,31 @@ impl FleetResult {
         );
 
         let secs = |s: &Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.1}s"));
-        let _ = writeln!(out, "\ndeployments (time from creation)");
         let _ = writeln!(
             out,
-            "{:<14} {:>7} {:>9} {:>6} {:>7} {:>8} {:>8} {:>8}",
-            "deployment", "targets", "installed", "failed", "missing", "75%", "90%", "100%"
+            "\ndeployments (time from creation; \"of installable\": of the targets outside \
+             the injected faults)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<14} {:>7} {:>9} {:>6} {:>7} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8} {:>8}",
+            "deployment",
+            "targets",
+            "installed",
+            "failed",
+            "missing",
+            "75%",
+            "90%",
+            "100%",
+            "installable",
+            "75%",
+            "90%",
+            "100%"
         );
         for d in &self.deployments {
             let _ = writeln!(
                 out,
-                "{:<14} {:>7} {:>9} {:>6} {:>7} {:>8} {:>8} {:>8}",
+                "{:<14} {:>7} {:>9} {:>6} {:>7} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8} {:>8}",
                 d.id,
                 d.targets,
                 d.installed,
@@ -353,7 +386,11 @@ impl FleetResult {
                 d.missing,
                 secs(&d.t75),
                 secs(&d.t90),
-                secs(&d.t100)
+                secs(&d.t100),
+                d.installable,
+                secs(&d.of_installable[0]),
+                secs(&d.of_installable[1]),
+                secs(&d.of_installable[2])
             );
         }
 
@@ -869,9 +906,18 @@ pub async fn run(config: &FleetConfig, dir: &Path) -> FleetResult {
     }
     for report in &reports {
         let secs = |k: &str| report["time_to"][k].as_f64();
+        let id = report["id"].as_str().unwrap_or("").to_string();
+        let targets = report["targets"].as_u64().unwrap_or(0);
+        let installable = truth
+            .iter()
+            .filter(|((d, _), class)| *d == id && **class == "installed")
+            .count() as u64;
         result.deployments.push(DeploymentLine {
-            id: report["id"].as_str().unwrap_or("").to_string(),
-            targets: report["targets"].as_u64().unwrap_or(0),
+            installable,
+            of_installable: [0.75, 0.90, 1.0]
+                .map(|share| time_to_share(&report["curve"], targets, installable, share)),
+            id,
+            targets,
             installed: report["installed"].as_u64().unwrap_or(0),
             failed: report["failed"].as_u64().unwrap_or(0),
             missing: report["missing"].as_u64().unwrap_or(0),
