@@ -278,11 +278,16 @@ fn check_sequence(state: &AppState, beacon: &Beacon, record: bool) -> Result<(),
 /// Checks a received beacon body: its signature under `key` (401 without one, 403 when
 /// wrong), its JSON, its timestamp against this clock (400 beyond `max_skew`) and its
 /// relay id. The sequence check is the receiver's, since it keeps the last ones seen.
+///
+/// With `accept_late`, a beacon older than `max_skew` passes (one ahead of the clock
+/// still does not): for a receiver that keeps every relay's last sequence durably (the
+/// monitor), so an old beacon can only be one that waited in a queue, never a replay.
 pub fn decode(
     key: &[u8; 32],
     signature: Option<&str>,
     body: &[u8],
     max_skew: Duration,
+    accept_late: bool,
 ) -> Result<Beacon, ApiError> {
     let signature = signature.ok_or(ApiError::Unsigned)?;
     if !reports::verify(key, body, signature) {
@@ -291,7 +296,12 @@ pub fn decode(
 
     let beacon: Beacon =
         serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("beacon: {e}")))?;
-    let skew = (Utc::now() - beacon.sent_at).abs();
+    let age = Utc::now() - beacon.sent_at;
+    let skew = if accept_late && age > chrono::TimeDelta::zero() {
+        chrono::TimeDelta::zero()
+    } else {
+        age.abs()
+    };
     if skew.to_std().unwrap_or(Duration::MAX) > max_skew {
         let why = format!(
             "beacon timestamp is {}s away from this receiver's clock",
@@ -328,7 +338,14 @@ pub async fn receive(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let body = crate::server::read_body(request, "the beacon body", MAX_BODY).await?;
-    let beacon = decode(&key, signature.as_deref(), &body, state.beacon_max_skew)?;
+    // A relay keeps the sequences it saw in memory only: an old beacon could be a replay.
+    let beacon = decode(
+        &key,
+        signature.as_deref(),
+        &body,
+        state.beacon_max_skew,
+        false,
+    )?;
     check_sequence(state, &beacon, false)?;
 
     if let Some(outbox) = state.beacon_outbox.clone() {
@@ -344,4 +361,42 @@ pub async fn receive(
     let mut response = admin::json(&serde_json::json!({ "accepted": beacon.seq }))?;
     *response.status_mut() = StatusCode::ACCEPTED;
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(sent_at: DateTime<Utc>) -> (Vec<u8>, String) {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "relay": "child", "site": "lyon", "url": "http://127.0.0.1:1", "version": "0.1.0",
+            "seq": 1, "sent_at": sent_at, "uptime_seconds": 5, "parents": [],
+            "parent_in_use": null, "cache_bytes": 0, "cache_bundles": 0, "upstream": [],
+            "ready": true, "failed": [], "degraded": [],
+            "since_last": {"requests": {}, "bytes_out": 0, "agents": 0, "downloads": {},
+                           "integrity_failures": 0}
+        }))
+        .unwrap();
+        let signature = reports::sign(&[5; 32], &body);
+        (body, signature)
+    }
+
+    #[test]
+    fn a_late_beacon_passes_only_where_sequences_are_durable_and_none_from_the_future() {
+        let skew = Duration::from_secs(300);
+        let decode_at = |minutes: i64, accept_late: bool| {
+            let (body, signature) = signed(Utc::now() + chrono::Duration::minutes(minutes));
+            decode(&[5; 32], Some(&signature), &body, skew, accept_late)
+        };
+        assert!(decode_at(0, false).is_ok());
+        assert!(
+            decode_at(-10, false).is_err(),
+            "a relay refuses a late beacon"
+        );
+        assert!(decode_at(-10, true).is_ok(), "the monitor takes it");
+        assert!(
+            decode_at(10, true).is_err(),
+            "a beacon from the future is refused"
+        );
+    }
 }

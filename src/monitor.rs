@@ -389,17 +389,24 @@ async fn receive_beacon(
     };
     let signature = header(&request, SIGNATURE_HEADER);
     let body = server::read_body(request, "the beacon body", beacon::MAX_BEACON_BODY).await?;
+    // The monitor keeps every relay's last sequence in its database, so it can take the
+    // beacons that queued up in the tree while it was away.
     let beacon = beacon::decode(
         &key,
         signature.as_deref(),
         &body,
         state.config.beacon.max_skew,
+        true,
     )?;
     let seq = beacon.seq;
     blocking(state, move |s| {
         let now = now_ms();
-        s.store.record_beacon(&beacon, now)?;
-        checks::evaluate_one(&s.store, &s.config, &beacon.relay, now, s.started);
+        let max_skew = s.config.beacon.max_skew.as_millis() as i64;
+        s.store.record_beacon(&beacon, now, max_skew)?;
+        // A late beacon tells the past: the next check round judges the relay's state now.
+        if now - beacon.sent_at.timestamp_millis() <= max_skew {
+            checks::evaluate_one(&s.store, &s.config, &beacon.relay, now, s.started);
+        }
         Ok(())
     })
     .await?;

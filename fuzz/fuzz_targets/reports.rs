@@ -16,5 +16,6 @@ fuzz_target!(|data: &[u8]| {
         Some(&signature),
         data,
         std::time::Duration::from_secs(300),
+        true,
     );
 });

@@ -316,7 +316,12 @@ impl Store {
     /// Records a beacon received at `now`: refuses a sequence not above the last one
     /// stored for that relay (kept across restarts), updates the relay, and adds what it
     /// served to the served log.
-    pub fn record_beacon(&self, beacon: &Beacon, now: i64) -> Result<(), StoreError> {
+    pub fn record_beacon(
+        &self,
+        beacon: &Beacon,
+        now: i64,
+        max_skew_ms: i64,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let last: Option<i64> = tx
@@ -343,6 +348,11 @@ impl Store {
             )?;
             tx.execute("DELETE FROM relays WHERE id = ?1", [&beacon.url])?;
         }
+        // A beacon counts from when it arrived (relay clocks may be off by up to the
+        // allowed skew), unless it is older than any clock error: then it waited in a queue
+        // and says how the relay was back then, not now.
+        let sent = ms(beacon.sent_at);
+        let heard_at = if now - sent > max_skew_ms { sent } else { now };
         tx.execute(
             "INSERT INTO relays (id, site, url, version, parents, parent_in_use, cache_bytes,
                 cache_bundles, last_seq, last_beacon_at, beacon_ready, beacon_failed,
@@ -362,7 +372,7 @@ impl Store {
                 beacon.cache_bytes as i64,
                 beacon.cache_bundles as i64,
                 beacon.seq as i64,
-                now,
+                heard_at,
                 beacon.ready,
                 to_json(&beacon.failed),
                 to_json(&beacon.degraded),
@@ -916,14 +926,14 @@ mod tests {
         // A beacon from the same relay updates the row; an old sequence is refused, also
         // after reopening the database.
         store
-            .record_beacon(&beacon("lyon-1", url, 10, 60_500), 3_000)
+            .record_beacon(&beacon("lyon-1", url, 10, 60_500), 3_000, 300_000)
             .unwrap();
         store
-            .record_beacon(&beacon("lyon-1", url, 11, 61_000), 3_100)
+            .record_beacon(&beacon("lyon-1", url, 11, 61_000), 3_100, 300_000)
             .unwrap();
         drop(store);
         let store = Store::open(&dir.path().join("m.db")).unwrap();
-        let old = store.record_beacon(&beacon("lyon-1", url, 11, 62_000), 3_200);
+        let old = store.record_beacon(&beacon("lyon-1", url, 11, 62_000), 3_200, 300_000);
         assert!(matches!(old, Err(StoreError::OldBeacon { last: 11, .. })));
         assert_eq!(store.relays().unwrap().len(), 1);
 
@@ -943,5 +953,16 @@ mod tests {
         let history = store.history(Some("lyon-1")).unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!(history[0].state, RelayState::Up);
+
+        // A beacon that waited in the tree longer than any clock error counts from when it
+        // was sent, not from when it arrived; a fresh one from when it arrived.
+        store
+            .record_beacon(&beacon("lyon-1", url, 12, 200_000), 800_000, 300_000)
+            .unwrap();
+        assert_eq!(store.relays().unwrap()[0].last_beacon_at, Some(200_000));
+        store
+            .record_beacon(&beacon("lyon-1", url, 13, 810_000), 811_000, 300_000)
+            .unwrap();
+        assert_eq!(store.relays().unwrap()[0].last_beacon_at, Some(811_000));
     }
 }
