@@ -137,6 +137,28 @@ pub enum Joined {
     Fill { fill: Arc<Fill>, started: bool },
     /// Starting it would exceed `[server] max_fills`; nothing was started.
     Busy { max: usize },
+    /// Every source served corrupt bytes for it lately; nothing is fetched for this long.
+    HeldOff { retry_after: Duration },
+}
+
+/// The first hold-off after a bundle failed verification from every source; it doubles
+/// with each further failure, up to [`HOLD_OFF_MAX`].
+const HOLD_OFF_FIRST: Duration = Duration::from_secs(10);
+const HOLD_OFF_MAX: Duration = Duration::from_secs(300);
+
+/// The hold-off after `failures` failures in a row (from 1): 10 s, 20 s, 40 s ... 5 min.
+fn hold_off_delay(failures: u32) -> Duration {
+    HOLD_OFF_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(HOLD_OFF_MAX)
+}
+
+/// A bundle no source could deliver intact: when it may be fetched again.
+#[derive(Debug, Clone, Copy)]
+struct HoldOff {
+    until: Instant,
+    /// Failures in a row, each from every source.
+    failures: u32,
 }
 
 /// The registry of running fills.
@@ -150,6 +172,10 @@ pub struct Fills {
     stats: Arc<Stats>,
     /// Most fills running at once (`[server] max_fills`); 0 = no limit.
     max_fills: std::sync::atomic::AtomicUsize,
+    /// Bundles that failed verification from every source lately. Without this, a parent
+    /// that keeps corrupting a bundle would make every agent's request pull it over the
+    /// WAN again.
+    held_off: Mutex<HashMap<BundleId, HoldOff>>,
 }
 
 impl Fills {
@@ -172,7 +198,41 @@ impl Fills {
             limits,
             stats,
             max_fills: std::sync::atomic::AtomicUsize::new(0),
+            held_off: Mutex::default(),
         })
+    }
+
+    /// How long `id` is still held off after failing verification from every source.
+    fn held_off(&self, id: &BundleId) -> Option<Duration> {
+        let mut held = self
+            .held_off
+            .lock()
+            .expect("hold-off lock is never poisoned");
+        let hold = held.get(id)?;
+        let left = hold.until.checked_duration_since(Instant::now());
+        if left.is_none() && hold.until + HOLD_OFF_MAX < Instant::now() {
+            // Long past: the next failure starts the backoff afresh.
+            held.remove(id);
+        }
+        left
+    }
+
+    /// Holds `id` off after its sources all failed verification, longer each time.
+    fn hold_off(&self, id: BundleId) -> Duration {
+        let mut held = self
+            .held_off
+            .lock()
+            .expect("hold-off lock is never poisoned");
+        let failures = held.get(&id).map_or(1, |h| h.failures + 1);
+        let delay = hold_off_delay(failures);
+        held.insert(
+            id,
+            HoldOff {
+                until: Instant::now() + delay,
+                failures,
+            },
+        );
+        delay
     }
 
     /// Joins the running fill of `id`, or starts one.
@@ -211,6 +271,9 @@ impl Fills {
         }
         if self.cache.contains(&id) {
             return Ok(Joined::Cached);
+        }
+        if let Some(retry_after) = self.held_off(&id) {
+            return Ok(Joined::HeldOff { retry_after });
         }
         let max = self.max_fills.load(Ordering::Relaxed);
         if max > 0 && running.len() >= max {
@@ -320,6 +383,10 @@ impl Fills {
         // meanwhile join it instead of starting a second transfer.
         let id = registration.fill.id;
         tx.send_modify(|s| s.outcome = Some(Ok(())));
+        self.held_off
+            .lock()
+            .expect("hold-off lock is never poisoned")
+            .remove(&id);
         Stats::bump(&self.stats.fills_completed);
         let bytes = tx.borrow().written;
         let seconds = started.elapsed().as_secs_f64();
@@ -367,8 +434,13 @@ impl Fills {
         // Unregister before announcing the outcome: a request that sees the outcome and asks
         // again must start afresh, not rejoin the failed fill.
         drop(registration);
-        let retry = matches!(error, FillError::Integrity { .. })
-            && self.upstream.has_unpenalized_source(&id);
+        let integrity = matches!(error, FillError::Integrity { .. });
+        let retry = integrity && self.upstream.has_unpenalized_source(&id);
+        if integrity && !retry {
+            let delay = self.hold_off(id);
+            warn!(bundle.id = %id, seconds = delay.as_secs(), "every source served corrupt \
+                bytes for this bundle: not fetching it again for a while");
+        }
         tx.send_modify(|s| s.outcome = Some(Err(error)));
 
         // Each refetch uses only unpenalized sources, and a failed one penalizes the sources
@@ -779,4 +851,16 @@ fn summarize(id: BundleId, failures: &[FetchError]) -> FillError {
         .filter(|f| !matches!(f, FetchError::NotFound { .. }))
         .all(FetchError::is_timeout);
     FillError::Upstream { id, timeout, last }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hold_off_after_corrupt_sources_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = (1..=7).map(|n| hold_off_delay(n).as_secs()).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(hold_off_delay(u32::MAX), HOLD_OFF_MAX);
+    }
 }

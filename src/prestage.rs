@@ -156,8 +156,9 @@ impl Prestage {
                 fill,
                 started: true,
             }) => fill,
-            // Every fill slot is taken: the next round tries again.
-            Ok(Joined::Busy { .. }) => return,
+            // Every fill slot is taken, or every source corrupted it lately: the next
+            // round tries again.
+            Ok(Joined::Busy { .. } | Joined::HeldOff { .. }) => return,
             Err(e) => {
                 warn!(bundle.id = %entry.id, error = %e, "cannot start a pre-staging fill");
                 return;

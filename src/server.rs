@@ -157,6 +157,11 @@ pub enum ApiError {
     NotFound(String),
     #[error("{max} bundles are being fetched already ([server] max_fills); retry shortly")]
     FillsBusy { max: usize },
+    #[error(
+        "bundle {id} failed verification from every source; not fetched again for \
+         {retry_after_secs}s"
+    )]
+    HeldOff { id: BundleId, retry_after_secs: u64 },
     #[error(transparent)]
     Fill(#[from] FillError),
     #[error(transparent)]
@@ -214,7 +219,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Limited(_) | Self::SpoolFull | Self::FillsBusy { .. } => {
+            Self::Limited(_) | Self::SpoolFull | Self::FillsBusy { .. } | Self::HeldOff { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -271,6 +276,9 @@ impl ApiError {
             Self::Unauthorized => builder = builder.header(WWW_AUTHENTICATE, "Bearer"),
             Self::SpoolFull => builder = builder.header(RETRY_AFTER, 30),
             Self::FillsBusy { .. } => builder = builder.header(RETRY_AFTER, 5),
+            Self::HeldOff {
+                retry_after_secs, ..
+            } => builder = builder.header(RETRY_AFTER, *retry_after_secs),
             Self::Limited(refusal) => {
                 builder = builder.header(RETRY_AFTER, refusal.retry_after_secs())
             }
@@ -541,6 +549,12 @@ async fn serve_bundle(
     let (fill, started) = match joined {
         Joined::Fill { fill, started } => (fill, started),
         Joined::Busy { max } => return Err(ApiError::FillsBusy { max }),
+        Joined::HeldOff { retry_after } => {
+            return Err(ApiError::HeldOff {
+                id,
+                retry_after_secs: retry_after.as_secs().max(1),
+            })
+        }
         Joined::Cached => {
             return serve_cached(state, &request)
                 .await?

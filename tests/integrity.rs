@@ -18,6 +18,8 @@ fn assert_not_delivered(fetched: &Result<Fetched, String>) {
             "corrupt bytes were delivered as complete"
         ),
         502 => assert_eq!(fetched.json()["relay"], "leaf"),
+        // Held off after every source failed verification.
+        503 => assert!(fetched.header("retry-after").is_some()),
         other => panic!("unexpected status {other}"),
     }
 }
@@ -66,7 +68,7 @@ async fn corrupt_parent_aborts_the_client_and_the_next_request_succeeds_from_a_g
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_only_source_caches_nothing_and_leaves_no_temp_file() {
+async fn corrupt_only_source_caches_nothing_leaves_no_temp_file_and_is_held_off() {
     let dir = tempfile::tempdir().unwrap();
     let corrupt = MockUpstream::start(Behavior::Corrupt).await;
     let data = content(300_000, 22);
@@ -75,17 +77,26 @@ async fn corrupt_only_source_caches_nothing_and_leaves_no_temp_file() {
     let url = bundle_url(&url_of(&leaf), &id);
     let client = TestClient::default();
 
-    for _ in 0..2 {
-        let got = within(20, client.try_send("GET", &url, &[])).await;
-        assert_not_delivered(&got);
-        assert!(!cached(dir.path(), "leaf", &id));
-    }
+    let got = within(20, client.try_send("GET", &url, &[])).await;
+    assert_not_delivered(&got);
+    assert!(!cached(dir.path(), "leaf", &id));
     // The failed fill's file is removed once its task has finished.
     eventually("the failed fill is gone", || {
         temp_files(dir.path(), "leaf") == 0 && leaf.running_fills() == 0
     })
     .await;
-    assert_eq!(leaf.stats().integrity_failures, 2);
+    assert_eq!(leaf.stats().integrity_failures, 1);
+
+    // Every source failed verification, so the next requests do not pull the bundle over
+    // the WAN again: 503 with Retry-After until the hold-off ends.
+    for _ in 0..3 {
+        let again = within(20, client.try_send("GET", &url, &[])).await.unwrap();
+        assert_eq!(again.status, 503);
+        let wait: u64 = again.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=10).contains(&wait), "Retry-After: {wait}");
+        assert!(!cached(dir.path(), "leaf", &id));
+    }
+    assert_eq!(corrupt.requests(), 1, "the corrupt source was asked once");
 
     // A range that ends before the bundle's last byte cannot be verified on its own, but one
     // that includes the last byte is cut like a whole body.
