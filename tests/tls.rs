@@ -84,6 +84,28 @@ fn child_toml(parent: &str, ca: &Path, client: Option<(&Path, &Path)>) -> String
     )
 }
 
+/// A bundle fetched through `relay` (within 20 s).
+async fn fetch(relay: &Relay, id: &patchrelay::bundle::BundleId) -> Fetched {
+    within(
+        20,
+        TestClient::default().get(&bundle_url(&url_of(relay), id)),
+    )
+    .await
+}
+
+/// An HTTPS parent in front of `origin` (requiring client certificates with
+/// `client_ca`), and its URL.
+async fn https_parent(
+    dir: &Path,
+    pki: &Pki,
+    origin: &MockUpstream,
+    client_ca: bool,
+) -> (Relay, String) {
+    let parent = relay_from(dir, &parent_toml(pki, &origin.origin_template(), client_ca)).await;
+    let url = format!("https://127.0.0.1:{}", parent.local_addr().port());
+    (parent, url)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_fetches_from_an_https_parent_verified_against_the_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -91,19 +113,10 @@ async fn a_child_fetches_from_an_https_parent_verified_against_the_ca() {
     let origin = MockUpstream::start(Behavior::Normal).await;
     let data = content(500_000, 101);
     let id = origin.add(&data);
-    let parent = relay_from(
-        dir.path(),
-        &parent_toml(&pki, &origin.origin_template(), false),
-    )
-    .await;
-    let parent_url = format!("https://127.0.0.1:{}", parent.local_addr().port());
+    let (parent, parent_url) = https_parent(dir.path(), &pki, &origin, false).await;
 
     let child = relay_from(dir.path(), &child_toml(&parent_url, &pki.ca, None)).await;
-    let got = within(
-        20,
-        TestClient::default().get(&bundle_url(&url_of(&child), &id)),
-    )
-    .await;
+    let got = fetch(&child, &id).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.bytes(), &data[..]);
     assert_eq!(
@@ -130,11 +143,7 @@ async fn a_child_fetches_from_an_https_parent_verified_against_the_ca() {
         &child_toml(&parent_url, &other_pki.ca, None).replace("\"child\"", "\"doubting\""),
     )
     .await;
-    let got = within(
-        20,
-        TestClient::default().get(&bundle_url(&url_of(&doubting), &id)),
-    )
-    .await;
+    let got = fetch(&doubting, &id).await;
     assert_eq!(got.status, 502);
     assert!(!cached(other.path(), "child", &id));
 
@@ -150,19 +159,10 @@ async fn a_parent_requiring_client_certificates_refuses_a_child_without_one() {
     let origin = MockUpstream::start(Behavior::Normal).await;
     let data = content(100_000, 102);
     let id = origin.add(&data);
-    let parent = relay_from(
-        dir.path(),
-        &parent_toml(&pki, &origin.origin_template(), true),
-    )
-    .await;
-    let parent_url = format!("https://127.0.0.1:{}", parent.local_addr().port());
+    let (parent, parent_url) = https_parent(dir.path(), &pki, &origin, true).await;
 
     let anonymous = relay_from(dir.path(), &child_toml(&parent_url, &pki.ca, None)).await;
-    let got = within(
-        20,
-        TestClient::default().get(&bundle_url(&url_of(&anonymous), &id)),
-    )
-    .await;
+    let got = fetch(&anonymous, &id).await;
     assert_eq!(got.status, 502, "no client certificate, no bundle");
     assert_eq!(parent.stats().fills_started, 0);
     anonymous.shutdown().await;
@@ -178,11 +178,7 @@ async fn a_parent_requiring_client_certificates_refuses_a_child_without_one() {
         ),
     )
     .await;
-    let got = within(
-        20,
-        TestClient::default().get(&bundle_url(&url_of(&known), &id)),
-    )
-    .await;
+    let got = fetch(&known, &id).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.bytes(), &data[..]);
     known.shutdown().await;
