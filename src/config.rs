@@ -385,6 +385,7 @@ struct RawRelay {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     client_ca: Option<Spanned<String>>,
+    require_client_cert: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -592,6 +593,7 @@ impl Ctx<'_> {
         let tls = self.server_tls(
             "relay",
             [&raw.tls_cert, &raw.tls_key, &raw.client_ca],
+            raw.require_client_cert.as_ref(),
             base_dir,
         )?;
         Ok(RelayConfig {
@@ -609,20 +611,34 @@ impl Ctx<'_> {
         })
     }
 
-    /// `tls_cert`, `tls_key` and `client_ca` of section `section`: a listener's TLS.
+    /// `tls_cert`, `tls_key` and `client_ca` of section `section`: a listener's TLS, and
+    /// `require_client_cert` (default true) where the section has that key.
     pub(crate) fn server_tls(
         &self,
         section: &str,
         [cert, key, client_ca]: [&Option<Spanned<String>>; 3],
+        require_client_cert: Option<&Spanned<bool>>,
         base_dir: &Path,
     ) -> Result<Option<crate::tls::ServerFiles>, ConfigError> {
         let file = |value| file_value(value, base_dir);
+        if let Some(require) = require_client_cert {
+            if file(client_ca).is_none() {
+                let msg = "needs client_ca (the CA client certificates are checked against)";
+                return Err(self.invalid(
+                    &format!("{section}.require_client_cert"),
+                    require,
+                    msg.into(),
+                ));
+            }
+        }
+        let require_client_cert = require_client_cert.is_none_or(|r| *r.get_ref());
         match (file(cert), file(key), file(client_ca)) {
             (None, None, None) => Ok(None),
             (Some((_, cert)), Some((_, key)), client_ca) => Ok(Some(crate::tls::ServerFiles {
                 cert,
                 key,
                 client_ca: client_ca.map(|(_, ca)| ca),
+                require_client_cert,
             })),
             (Some((v, _)), None, _) | (None, Some((v, _)), _) | (None, None, Some((v, _))) => {
                 let msg = "tls_cert and tls_key go together (client_ca needs both)".to_string();

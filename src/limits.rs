@@ -168,7 +168,8 @@ struct Downloads {
 #[derive(Debug)]
 pub struct DownloadPermit {
     limits: Arc<Limits>,
-    client: IpAddr,
+    /// The client counted against `max_downloads_per_client`; `None` when exempt.
+    client: Option<IpAddr>,
 }
 
 impl Drop for DownloadPermit {
@@ -179,10 +180,11 @@ impl Drop for DownloadPermit {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         downloads.total = downloads.total.saturating_sub(1);
-        if let Some(n) = downloads.per_client.get_mut(&self.client) {
+        let Some(client) = self.client else { return };
+        if let Some(n) = downloads.per_client.get_mut(&client) {
             *n -= 1;
             if *n == 0 {
-                downloads.per_client.remove(&self.client);
+                downloads.per_client.remove(&client);
             }
         }
     }
@@ -347,8 +349,13 @@ impl Limits {
         })
     }
 
-    /// Takes a download slot for `client`, or says why not.
-    pub fn start_download(self: &Arc<Self>, client: IpAddr) -> Result<DownloadPermit, Refusal> {
+    /// Takes a download slot for `client`, or says why not. `client` is `None` for a
+    /// client exempt from the per-client caps (a certified child relay): only
+    /// `max_downloads` counts it.
+    pub fn start_download(
+        self: &Arc<Self>,
+        client: Option<IpAddr>,
+    ) -> Result<DownloadPermit, Refusal> {
         let config = self
             .config
             .read()
@@ -363,20 +370,21 @@ impl Limits {
             Stats::bump(&self.stats.refused_busy);
             return Err(Refusal::Downloads { retry_after });
         }
-        let mine = downloads.per_client.get(&client).copied().unwrap_or(0);
-        if config
-            .max_downloads_per_client
-            .is_some_and(|max| mine >= max)
-        {
-            Stats::bump(&self.stats.refused_busy);
-            return Err(Refusal::ClientDownloads {
-                client,
-                retry_after,
-            });
+        if let Some(client) = client {
+            let mine = downloads.per_client.get(&client).copied().unwrap_or(0);
+            if config
+                .max_downloads_per_client
+                .is_some_and(|max| mine >= max)
+            {
+                Stats::bump(&self.stats.refused_busy);
+                return Err(Refusal::ClientDownloads {
+                    client,
+                    retry_after,
+                });
+            }
+            *downloads.per_client.entry(client).or_insert(0) += 1;
         }
-
         downloads.total += 1;
-        *downloads.per_client.entry(client).or_insert(0) += 1;
         Ok(DownloadPermit {
             limits: self.clone(),
             client,
@@ -393,10 +401,11 @@ impl Limits {
         }
     }
 
-    /// Waits until `bytes` may be sent to `client` under the downstream caps.
-    async fn take_downstream(&self, client: IpAddr, bytes: usize) {
+    /// Waits until `bytes` may be sent to `client` under the downstream caps (`per_client`
+    /// only when `capped`).
+    async fn take_downstream(&self, client: IpAddr, capped: bool, bytes: usize) {
         let active = self.current();
-        if let Some(per_client) = &active.per_client {
+        if let Some(per_client) = active.per_client.as_ref().filter(|_| capped) {
             per_client.take(client, bytes, &self.stats).await;
         }
         if let Some(downstream) = &active.downstream {
@@ -423,9 +432,12 @@ impl Limits {
         permit: Option<DownloadPermit>,
         bundle: Option<(BundleId, u64)>,
     ) -> ResponseBody {
+        // A permit without a client is an exempt client's: no per-client cap either.
+        let capped = permit.as_ref().is_none_or(|p| p.client.is_some());
         let state = Throttled {
             limits: self.clone(),
             client,
+            capped,
             frames: BodyStream::new(body),
             rest: Bytes::new(),
             _permit: permit,
@@ -445,6 +457,8 @@ impl Limits {
 struct Throttled {
     limits: Arc<Limits>,
     client: IpAddr,
+    /// Whether the per-client cap applies (not to a certified child relay).
+    capped: bool,
     frames: BodyStream<ResponseBody>,
     /// Bytes of the current frame not yet sent.
     rest: Bytes,
@@ -486,7 +500,9 @@ impl Throttled {
         }
         let len = self.rest.len().min(self.limits.piece_size());
         let piece = self.rest.split_to(len);
-        self.limits.take_downstream(self.client, len).await;
+        self.limits
+            .take_downstream(self.client, self.capped, len)
+            .await;
         self.remaining = self.remaining.saturating_sub(len as u64);
         if self.remaining == 0 {
             self.finished = true;

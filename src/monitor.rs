@@ -158,7 +158,7 @@ impl Monitor {
         let (stop, stopped) = watch::channel(false);
         let handler_state = state.clone();
         let handler: Handler = Arc::new(move |client, request| {
-            Box::pin(handle(handler_state.clone(), client, request))
+            Box::pin(handle(handler_state.clone(), client.addr, request))
         });
         let limits = server::ConnectionLimits {
             id: config.id.clone(),

@@ -355,7 +355,7 @@ pub fn require_method(method: &Method, allowed: Method) -> Result<(), ApiError> 
 /// Handles one request from `client`; never fails, since errors become responses here.
 pub async fn handle(
     state: Arc<AppState>,
-    client: IpAddr,
+    client: Peer,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let (method, path) = (request.method().clone(), request.uri().path().to_string());
@@ -367,17 +367,20 @@ pub async fn handle(
         .headers_mut()
         .insert(RELAY_HEADER, state.relay_id_header.clone());
     state.stats.response(response.status().as_u16());
-    debug!(client.addr = %client, http.method = %method, http.path = %path,
-        http.status = response.status().as_u16(), "request");
+    debug!(client.addr = %client.addr, client.certified = client.certified,
+        http.method = %method, http.path = %path, http.status = response.status().as_u16(),
+        "request");
     response
 }
 
 async fn route(
     state: &AppState,
-    client: IpAddr,
+    client: Peer,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    state.limits.check_request(client)?;
+    if !client.certified {
+        state.limits.check_request(client.addr)?;
+    }
 
     let path = request.uri().path();
     if path.starts_with("/v1/admin/") {
@@ -425,7 +428,8 @@ async fn route(
     }
 
     // A download holds its slot until its body ends; its bytes go out under the caps.
-    let permit = state.limits.start_download(client)?;
+    let capped = (!client.certified).then_some(client.addr);
+    let permit = state.limits.start_download(capped)?;
     let response = serve_bundle(state, request.headers(), id, head).await?;
     let length = response
         .headers()
@@ -433,7 +437,8 @@ async fn route(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
     let bundle = Some((id, length));
-    Ok(response.map(|body| state.limits.throttle(body, client, Some(permit), bundle)))
+    let limits = &state.limits;
+    Ok(response.map(|body| limits.throttle(body, client.addr, Some(permit), bundle)))
 }
 
 /// `POST /v1/reports`: validates the whole batch, spools it durably, then answers 202.
@@ -697,11 +702,21 @@ fn if_range_matches(headers: &HeaderMap, id: &BundleId) -> bool {
     }
 }
 
-/// A request handler for [`accept_loop`]: the client's address and the request in, the
-/// response out (errors already turned into responses).
+/// A request handler for [`accept_loop`]: the client and the request in, the response out
+/// (errors already turned into responses).
 pub type Handler = Arc<
-    dyn Fn(IpAddr, Request<Incoming>) -> BoxFuture<'static, Response<ResponseBody>> + Send + Sync,
+    dyn Fn(Peer, Request<Incoming>) -> BoxFuture<'static, Response<ResponseBody>> + Send + Sync,
 >;
+
+/// The client of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: IpAddr,
+    /// It showed a client certificate that the listener's `client_ca` verified: a child
+    /// relay (or the monitor), which speaks for a whole site, so the per-client caps meant
+    /// for single agents do not apply to it.
+    pub certified: bool,
+}
 
 /// Serves the relay's routes on `listener` until `shutdown` turns true.
 pub async fn run(
@@ -881,7 +896,6 @@ pub async fn accept_loop(
                         continue;
                     }
                 };
-                let service = connection_service(handler.clone(), peer.ip());
                 let mut builder = http1::Builder::new();
                 builder
                     .timer(TokioTimer::new())
@@ -889,6 +903,11 @@ pub async fn accept_loop(
                     .max_header_size(limits.max_header_size)
                     .max_buf_size(CONNECTION_BUFFER);
                 let Some(tls) = &tls else {
+                    let client = Peer {
+                        addr: peer.ip(),
+                        certified: false,
+                    };
+                    let service = connection_service(handler.clone(), client);
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
                     connections.spawn(async move {
@@ -901,9 +920,20 @@ pub async fn accept_loop(
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let watcher = graceful.watcher();
                 let handshake_timeout = limits.header_timeout;
+                let handler = handler.clone();
                 connections.spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
+                            // Any certificate here passed the `client_ca` verifier.
+                            let client = Peer {
+                                addr: peer.ip(),
+                                certified: stream
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .is_some_and(|certs| !certs.is_empty()),
+                            };
+                            let service = connection_service(handler, client);
                             let connection =
                                 builder.serve_connection(TokioIo::new(stream), service);
                             serve_connection(watcher.watch(connection), peer).await;
@@ -939,7 +969,7 @@ pub async fn accept_loop(
 /// The service for one connection: the handler, told which client it serves.
 fn connection_service(
     handler: Handler,
-    client: IpAddr,
+    client: Peer,
 ) -> TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,

@@ -68,6 +68,9 @@ pub struct ServerFiles {
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
     pub client_ca: Option<std::path::PathBuf>,
+    /// With `client_ca`: whether a client without a certificate is refused (true), or
+    /// served as an anonymous client, such as an agent (false).
+    pub require_client_cert: bool,
 }
 
 /// Builds the server config from its files.
@@ -82,9 +85,15 @@ pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError>
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots(ca)?),
                 provider(),
-            )
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            );
+            let verifier = if files.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -190,6 +199,7 @@ mod tests {
             cert: cert.clone(),
             key,
             client_ca: None,
+            require_client_cert: true,
         })
         .unwrap();
         let before = listener.current();
@@ -220,6 +230,7 @@ mod tests {
             cert,
             key,
             client_ca: None,
+            require_client_cert: true,
         })
         .unwrap_err()
         .to_string();

@@ -208,6 +208,18 @@ fn https_parents_need_a_ca_and_tls_files_go_in_pairs() {
     .unwrap();
     assert_eq!(ok.upstream.tls.unwrap().ca, dir.join("ca.pem"));
 
+    let err = Config::parse(
+        &format!("{base}tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nrequire_client_cert = false\n"),
+        "r.toml",
+        dir,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("r.toml:8: relay.require_client_cert: needs client_ca"),
+        "{err}"
+    );
+
     let err = Config::parse(&format!("{base}tls_cert = \"c.pem\"\n"), "r.toml", dir)
         .unwrap_err()
         .to_string();
@@ -234,7 +246,7 @@ async fn https_get(
     url: &str,
     ca: &Path,
     client: Option<(&Path, &Path)>,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, Vec<u8>), String> {
     use http_body_util::BodyExt;
 
     let files = patchrelay::tls::ClientFiles {
@@ -256,10 +268,7 @@ async fn https_get(
         .collect()
         .await
         .map_err(|e| e.to_string())?;
-    Ok((
-        status,
-        String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-    ))
+    Ok((status, body.to_bytes().to_vec()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +352,10 @@ async fn a_monitor_over_mutual_tls_takes_beacons_and_checks_an_https_relay() {
     .await
     .unwrap();
     assert_eq!(page.0, 200);
-    assert!(page.1.contains("branch"), "the tree lists the relay");
+    assert!(
+        String::from_utf8_lossy(&page.1).contains("branch"),
+        "the tree lists the relay"
+    );
     assert!(https_get(&format!("{monitor_url}/"), &pki.ca, None)
         .await
         .is_err());
@@ -368,4 +380,35 @@ async fn a_monitor_over_mutual_tls_takes_beacons_and_checks_an_https_relay() {
 
     relay.shutdown().await;
     monitor.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certified_child_relay_is_exempt_from_per_client_caps_and_agents_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(50_000, 103);
+    let id = origin.add(&data);
+    // Client certificates are optional: agents connect without one, child relays with one.
+    let text = parent_toml(&pki, &origin.origin_template(), true).replace(
+        "[upstream]",
+        "require_client_cert = false\n[limits]\nrequests_per_client = \"1/min\"\n\
+         max_downloads_per_client = 1\n[upstream]",
+    );
+    let parent = relay_from(dir.path(), &text).await;
+    let base = format!("https://127.0.0.1:{}", parent.local_addr().port());
+    let url = bundle_url(&base, &id);
+
+    // An agent without a certificate is served, under the per-client caps.
+    assert_eq!(https_get(&url, &pki.ca, None).await.unwrap().0, 200);
+    assert_eq!(https_get(&url, &pki.ca, None).await.unwrap().0, 429);
+
+    // A child relay with the tree's certificate, from the same address, is not capped.
+    let cert = Some((pki.client_cert.as_path(), pki.client_key.as_path()));
+    for _ in 0..3 {
+        let (status, body) = https_get(&url, &pki.ca, cert).await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body == data, "the whole bundle");
+    }
+    parent.shutdown().await;
 }

@@ -280,6 +280,7 @@ impl MonitorConfig {
                 &raw.monitor.tls_key,
                 &raw.monitor.client_ca,
             ],
+            None,
             base_dir,
         )?;
         let server = match raw.server {
