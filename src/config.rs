@@ -54,10 +54,13 @@ pub struct ServerConfig {
     /// Open connections from one client address. Default 512: above a child relay's
     /// `max_fills` (each fill is one connection to its parent) plus its probes.
     pub max_connections_per_client: usize,
-    /// Time a client has to send a request's headers, counted from the connection's start
-    /// or the end of its previous response, so it also closes idle keep-alive connections
-    /// (slowloris). Default 20 s.
+    /// Time a client has to send a whole request head, counted from the connection's start
+    /// or from the first byte after an idle spell (slowloris). Default 20 s.
     pub header_timeout: Duration,
+    /// Time a keep-alive connection may sit idle after its last response before it is
+    /// closed. Default 75 s: above the 60 s a child relay keeps idle connections to its
+    /// parent, so the child closes first and never reuses a connection being closed.
+    pub idle_timeout: Duration,
     /// Largest request head (request line and headers); larger gets 431. Default 16 KiB.
     pub max_header_size: usize,
     /// Fills running at once; a request that would start one more gets 503. Default 256.
@@ -74,6 +77,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_connections_per_client: 512,
             header_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(75),
             max_header_size: 16 * 1024,
             max_fills: 256,
             max_report_body: crate::reports::MAX_BODY,
@@ -341,6 +345,7 @@ pub(crate) struct RawServer {
     max_connections: Option<Spanned<usize>>,
     max_connections_per_client: Option<Spanned<usize>>,
     header_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
     max_header_size: Option<Spanned<String>>,
     max_fills: Option<Spanned<usize>>,
     max_report_body: Option<Spanned<String>>,
@@ -714,6 +719,8 @@ impl Ctx<'_> {
             raw.header_timeout,
             server.header_timeout,
         )?;
+        server.idle_timeout =
+            self.duration("server.idle_timeout", raw.idle_timeout, server.idle_timeout)?;
         if let Some(size) = &raw.max_header_size {
             let bytes = crate::units::parse_size(size.get_ref())
                 .map_err(|m| self.invalid("server.max_header_size", size, m))?;
@@ -1158,8 +1165,8 @@ stall_timeout = "1m"
     fn server_limits_parse_and_bad_ones_name_their_line() {
         let config = parse(&format!(
             "{GOOD}\n[server]\nmax_connections = 100\nmax_connections_per_client = 10\n\
-             header_timeout = \"5s\"\nmax_header_size = \"8 KiB\"\nmax_fills = 3\n\
-             max_report_body = \"1 MiB\"\nmax_report_batch = 100\n"
+             header_timeout = \"5s\"\nidle_timeout = \"2m\"\nmax_header_size = \"8 KiB\"\n\
+             max_fills = 3\nmax_report_body = \"1 MiB\"\nmax_report_batch = 100\n"
         ))
         .unwrap();
         assert_eq!(
@@ -1168,6 +1175,7 @@ stall_timeout = "1m"
                 max_connections: 100,
                 max_connections_per_client: 10,
                 header_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(120),
                 max_header_size: 8192,
                 max_fills: 3,
                 max_report_body: 1024 * 1024,

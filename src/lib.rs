@@ -20,6 +20,7 @@
 //! - [`manifest`] and [`prestage`]: the patch cycle and following it down the tree.
 //! - [`admin`]: the admin API.  [`cli`]: the command line.  [`notify`]: systemd readiness.
 //! - [`tls`]: rustls for the listener and for `https://` upstreams.
+//! - [`conn_clock`]: a connection's header and idle keep-alive deadlines.
 //! - [`monitor`]: the central monitor: beacons, reports, health checks, deployments,
 //!   failure attribution and the dashboard.
 
@@ -32,6 +33,7 @@ pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod conn_clock;
 pub mod fill;
 pub mod health;
 pub mod limits;

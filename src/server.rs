@@ -31,6 +31,7 @@ use crate::admin;
 use crate::body::{self, Progress, ResponseBody};
 use crate::bundle::{BundleId, BundleIdError};
 use crate::cache::Cache;
+use crate::conn_clock::{ConnClock, Expired, Metered, Tracked};
 use crate::fill::{FillError, Fills, Joined};
 use crate::health;
 use crate::limits::{Limits, Refusal};
@@ -741,6 +742,7 @@ pub struct ConnectionLimits {
     pub max_total: usize,
     pub max_per_client: usize,
     pub header_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_header_size: usize,
 }
 
@@ -751,6 +753,7 @@ impl From<&crate::config::ServerConfig> for ConnectionLimits {
             max_total: server.max_connections,
             max_per_client: server.max_connections_per_client,
             header_timeout: server.header_timeout,
+            idle_timeout: server.idle_timeout,
             max_header_size: server.max_header_size,
         }
     }
@@ -897,9 +900,11 @@ pub async fn accept_loop(
                     }
                 };
                 let mut builder = http1::Builder::new();
+                // The connection's own clock keeps the header and idle deadlines: hyper's
+                // header timer would also run between requests.
                 builder
                     .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_timeout)
+                    .header_read_timeout(None)
                     .max_header_size(limits.max_header_size)
                     .max_buf_size(CONNECTION_BUFFER);
                 let Some(tls) = &tls else {
@@ -907,11 +912,13 @@ pub async fn accept_loop(
                         addr: peer.ip(),
                         certified: false,
                     };
-                    let service = connection_service(handler.clone(), client);
+                    let clock = ConnClock::new(limits.header_timeout, limits.idle_timeout);
+                    let service = connection_service(handler.clone(), client, clock.clone());
+                    let stream = Metered::new(stream, clock.clone());
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
                     connections.spawn(async move {
-                        serve_connection(connection, peer).await;
+                        serve_connection(connection, peer, &clock).await;
                         drop(admitted);
                     });
                     continue;
@@ -919,10 +926,10 @@ pub async fn accept_loop(
                 // The handshake runs in the connection's task, bounded like a request head.
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let watcher = graceful.watcher();
-                let handshake_timeout = limits.header_timeout;
+                let (header_timeout, idle_timeout) = (limits.header_timeout, limits.idle_timeout);
                 let handler = handler.clone();
                 connections.spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             // Any certificate here passed the `client_ca` verifier.
                             let client = Peer {
@@ -933,10 +940,12 @@ pub async fn accept_loop(
                                     .peer_certificates()
                                     .is_some_and(|certs| !certs.is_empty()),
                             };
-                            let service = connection_service(handler, client);
+                            let clock = ConnClock::new(header_timeout, idle_timeout);
+                            let service = connection_service(handler, client, clock.clone());
+                            let stream = Metered::new(stream, clock.clone());
                             let connection =
                                 builder.serve_connection(TokioIo::new(stream), service);
-                            serve_connection(watcher.watch(connection), peer).await;
+                            serve_connection(watcher.watch(connection), peer, &clock).await;
                         }
                         Ok(Err(e)) => {
                             debug!(client.addr = %peer, error = %e, "TLS handshake failed");
@@ -966,32 +975,45 @@ pub async fn accept_loop(
     }
 }
 
-/// The service for one connection: the handler, told which client it serves.
+/// What a connection's service answers: a response whose body holds its request in flight.
+type ConnResponse = Response<Tracked<ResponseBody>>;
+
+/// The service for one connection: the handler, told which client it serves. Each
+/// request counts as in flight on the connection's clock until its response body is done.
 fn connection_service(
     handler: Handler,
     client: Peer,
+    clock: Arc<ConnClock>,
 ) -> TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
-            Response = Response<ResponseBody>,
+            Response = ConnResponse,
             Error = Infallible,
-            Future = impl std::future::Future<Output = Result<Response<ResponseBody>, Infallible>>
-                         + Send,
+            Future = impl std::future::Future<Output = Result<ConnResponse, Infallible>> + Send,
         > + Clone,
 > {
     TowerToHyperService::new(tower::service_fn(move |request| {
+        let in_flight = clock.request_started();
         let response = handler(client, request);
-        async move { Ok::<_, Infallible>(response.await) }
+        async move {
+            let response = response.await;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+        }
     }))
 }
 
-async fn serve_connection<C>(connection: C, peer: SocketAddr)
+async fn serve_connection<C>(connection: C, peer: SocketAddr, clock: &ConnClock)
 where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
 {
     let span = tracing::debug_span!("conn", client.addr = %peer);
-    if let Err(e) = connection.instrument(span).await {
-        debug!(client.addr = %peer, error = %e, "connection ended with an error");
+    match crate::conn_clock::watch(connection.instrument(span), clock).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(client.addr = %peer, error = %e, "connection ended with an error"),
+        Err(Expired::Head) => {
+            debug!(client.addr = %peer, "no whole request head within header_timeout: closed")
+        }
+        Err(Expired::Idle) => debug!(client.addr = %peer, "idle past idle_timeout: closed"),
     }
 }
 

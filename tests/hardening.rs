@@ -122,31 +122,83 @@ async fn a_slowloris_client_is_cut_off_while_downloads_continue() {
     relay.shutdown().await;
 }
 
+/// Reads one response with an empty body (`/healthz` sends a small JSON one: read up to
+/// its end) without waiting for the connection to close.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains('}') {
+        let n = within(5, stream.read(&mut buf)).await.unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let origin = MockUpstream::start(Behavior::Normal).await;
-    let relay = relay_with(dir.path(), &origin, "header_timeout = \"500ms\"\n").await;
+    let server = "header_timeout = \"30s\"\nidle_timeout = \"500ms\"\n";
+    let relay = relay_with(dir.path(), &origin, server).await;
 
     // One answered request on a keep-alive connection, then nothing more from the client.
     let mut idle = connect_from([127, 0, 0, 6], relay.local_addr()).await;
     idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: relay\r\n\r\n")
         .await
         .unwrap();
-    let answered = Instant::now();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut answer)).await;
-    let closed_after = answered.elapsed();
-
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_response(&mut idle).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answered = Instant::now();
+
+    // The idle timeout closes it, long before the header timeout would.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut rest)).await;
+    let closed_after = answered.elapsed();
     assert!(
         read.is_ok(),
-        "the relay kept an idle connection open for 10 s"
+        "the relay kept an idle connection open for 20 s"
     );
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     assert!(
         closed_after >= Duration::from_millis(400),
-        "closed after {closed_after:?}, before the timeout"
+        "closed after {closed_after:?}, before the idle timeout"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_outlives_the_header_timeout_and_the_next_request_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let server = "header_timeout = \"300ms\"\nidle_timeout = \"30s\"\n";
+    let relay = relay_with(dir.path(), &origin, server).await;
+
+    let mut conn = connect_from([127, 0, 0, 7], relay.local_addr()).await;
+    let request = b"GET /healthz HTTP/1.1\r\nhost: relay\r\n\r\n";
+    conn.write_all(request).await.unwrap();
+    assert!(read_response(&mut conn).await.starts_with("HTTP/1.1 200"));
+
+    // Idle for several header timeouts: a keep-alive client between requests is not slow.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    conn.write_all(request).await.unwrap();
+    let again = read_response(&mut conn).await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+
+    // But the next request head, once begun, must still arrive within the header timeout.
+    let started = Instant::now();
+    conn.write_all(b"GET /heal").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a half-sent head was kept for 20 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "cut after {:?}",
+        started.elapsed()
     );
     relay.shutdown().await;
 }
