@@ -59,6 +59,10 @@ pub enum FillError {
     /// Writing or committing the local copy failed.
     #[error("cache write failed for bundle {id}: {message}")]
     Local { id: BundleId, message: String },
+    /// Every source that has it answered "later" (`503`/`429` with `Retry-After`); the
+    /// bundle is held off on this relay for the shortest wait they asked for.
+    #[error("every upstream asked to retry bundle {id} in {}s", retry_after.as_secs())]
+    Busy { id: BundleId, retry_after: Duration },
 }
 
 /// Progress of a fill, as its followers see it.
@@ -137,8 +141,23 @@ pub enum Joined {
     Fill { fill: Arc<Fill>, started: bool },
     /// Starting it would exceed `[server] max_fills`; nothing was started.
     Busy { max: usize },
-    /// Every source served corrupt bytes for it lately; nothing is fetched for this long.
-    HeldOff { retry_after: Duration },
+    /// Not fetched for this long: every source served corrupt bytes for it lately, or
+    /// asked to be asked again later.
+    HeldOff {
+        retry_after: Duration,
+        reason: HoldReason,
+    },
+}
+
+/// Why a bundle is held off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HoldReason {
+    /// Every source served bytes that failed verification.
+    #[error("failed verification from every source")]
+    Corrupt,
+    /// Every source that has it answered `503`/`429` with a `Retry-After`.
+    #[error("was refused by every upstream for now (503 with Retry-After)")]
+    UpstreamBusy,
 }
 
 /// The first hold-off after a bundle failed verification from every source; it doubles
@@ -157,8 +176,9 @@ fn hold_off_delay(failures: u32) -> Duration {
 #[derive(Debug, Clone, Copy)]
 struct HoldOff {
     until: Instant,
-    /// Failures in a row, each from every source.
+    /// Verification failures in a row, each from every source.
     failures: u32,
+    reason: HoldReason,
 }
 
 /// The registry of running fills.
@@ -202,19 +222,37 @@ impl Fills {
         })
     }
 
-    /// How long `id` is still held off after failing verification from every source.
-    fn held_off(&self, id: &BundleId) -> Option<Duration> {
+    /// How long `id` is still held off, and why.
+    fn held_off(&self, id: &BundleId) -> Option<(Duration, HoldReason)> {
         let mut held = self
             .held_off
             .lock()
             .expect("hold-off lock is never poisoned");
-        let hold = held.get(id)?;
+        let hold = *held.get(id)?;
         let left = hold.until.checked_duration_since(Instant::now());
         if left.is_none() && hold.until + HOLD_OFF_MAX < Instant::now() {
             // Long past: the next failure starts the backoff afresh.
             held.remove(id);
         }
-        left
+        left.map(|left| (left, hold.reason))
+    }
+
+    /// Holds `id` off for `wait` because its sources asked to be asked again later. A
+    /// verification backoff under way keeps its count.
+    fn defer(&self, id: BundleId, wait: Duration) {
+        let mut held = self
+            .held_off
+            .lock()
+            .expect("hold-off lock is never poisoned");
+        let failures = held.get(&id).map_or(0, |h| h.failures);
+        held.insert(
+            id,
+            HoldOff {
+                until: Instant::now() + wait,
+                failures,
+                reason: HoldReason::UpstreamBusy,
+            },
+        );
     }
 
     /// Holds `id` off after its sources all failed verification, longer each time.
@@ -230,6 +268,7 @@ impl Fills {
             HoldOff {
                 until: Instant::now() + delay,
                 failures,
+                reason: HoldReason::Corrupt,
             },
         );
         delay
@@ -272,8 +311,11 @@ impl Fills {
         if self.cache.contains(&id) {
             return Ok(Joined::Cached);
         }
-        if let Some(retry_after) = self.held_off(&id) {
-            return Ok(Joined::HeldOff { retry_after });
+        if let Some((retry_after, reason)) = self.held_off(&id) {
+            return Ok(Joined::HeldOff {
+                retry_after,
+                reason,
+            });
         }
         let max = self.max_fills.load(Ordering::Relaxed);
         if max > 0 && running.len() >= max {
@@ -428,6 +470,13 @@ impl Fills {
             FillError::NotFound { .. } => {
                 debug!(bundle.id = %id, error = %error, "fill found nothing")
             }
+            FillError::Busy { retry_after, .. } => {
+                // Honour the parents' Retry-After here too, so this relay's agents do not
+                // turn one refusal into a request to the parents each.
+                self.defer(id, *retry_after);
+                info!(bundle.id = %id, seconds = retry_after.as_secs(), "every upstream \
+                    asked to retry later: not fetching this bundle until then");
+            }
             _ => warn!(bundle.id = %id, error = %error, "fill failed"),
         }
 
@@ -495,6 +544,8 @@ impl Fills {
                     });
                 }
                 Err(CopyError::Source(e)) => {
+                    // A 404 is an answer; a "retry later" counts against the source's
+                    // health, since nothing new comes through it meanwhile.
                     if !matches!(e, FetchError::NotFound { .. }) {
                         self.upstream.record_failure(source.index, &e);
                     }
@@ -840,6 +891,21 @@ fn summarize(id: BundleId, failures: &[FetchError]) -> FillError {
         .all(|f| matches!(f, FetchError::NotFound { .. }))
     {
         return FillError::NotFound { id };
+    }
+    let answered = || {
+        failures
+            .iter()
+            .filter(|f| !matches!(f, FetchError::NotFound { .. }))
+    };
+    if answered().all(|f| matches!(f, FetchError::Busy { .. })) {
+        let retry_after = answered()
+            .filter_map(|f| match f {
+                FetchError::Busy { retry_after, .. } => Some(*retry_after),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(HOLD_OFF_FIRST);
+        return FillError::Busy { id, retry_after };
     }
     let last = failures
         .iter()

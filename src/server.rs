@@ -32,7 +32,7 @@ use crate::body::{self, Progress, ResponseBody};
 use crate::bundle::{BundleId, BundleIdError};
 use crate::cache::Cache;
 use crate::conn_clock::{ConnClock, Expired, Metered, Tracked};
-use crate::fill::{FillError, Fills, Joined};
+use crate::fill::{FillError, Fills, HoldReason, Joined};
 use crate::health;
 use crate::limits::{Limits, Refusal};
 use crate::metrics;
@@ -158,11 +158,12 @@ pub enum ApiError {
     NotFound(String),
     #[error("{max} bundles are being fetched already ([server] max_fills); retry shortly")]
     FillsBusy { max: usize },
-    #[error(
-        "bundle {id} failed verification from every source; not fetched again for \
-         {retry_after_secs}s"
-    )]
-    HeldOff { id: BundleId, retry_after_secs: u64 },
+    #[error("bundle {id} {reason}; not fetched again for {retry_after_secs}s")]
+    HeldOff {
+        id: BundleId,
+        retry_after_secs: u64,
+        reason: HoldReason,
+    },
     #[error(transparent)]
     Fill(#[from] FillError),
     #[error(transparent)]
@@ -220,9 +221,11 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Limited(_) | Self::SpoolFull | Self::FillsBusy { .. } | Self::HeldOff { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Limited(_)
+            | Self::SpoolFull
+            | Self::FillsBusy { .. }
+            | Self::HeldOff { .. }
+            | Self::Fill(FillError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -243,6 +246,10 @@ impl ApiError {
             Self::Fill(FillError::Integrity { id, .. }) => {
                 format!("bundle {id} failed verification; retry shortly")
             }
+            Self::Fill(FillError::Busy { id, retry_after }) => format!(
+                "bundle {id} was refused by every upstream for now; retry in {}s",
+                retry_after.as_secs()
+            ),
             Self::Fill(FillError::Local { .. }) | Self::Internal(_) => "internal error".into(),
             other => other.to_string(),
         }
@@ -280,6 +287,9 @@ impl ApiError {
             Self::HeldOff {
                 retry_after_secs, ..
             } => builder = builder.header(RETRY_AFTER, *retry_after_secs),
+            Self::Fill(FillError::Busy { retry_after, .. }) => {
+                builder = builder.header(RETRY_AFTER, retry_after.as_secs().max(1))
+            }
             Self::Limited(refusal) => {
                 builder = builder.header(RETRY_AFTER, refusal.retry_after_secs())
             }
@@ -555,10 +565,14 @@ async fn serve_bundle(
     let (fill, started) = match joined {
         Joined::Fill { fill, started } => (fill, started),
         Joined::Busy { max } => return Err(ApiError::FillsBusy { max }),
-        Joined::HeldOff { retry_after } => {
+        Joined::HeldOff {
+            retry_after,
+            reason,
+        } => {
             return Err(ApiError::HeldOff {
                 id,
                 retry_after_secs: retry_after.as_secs().max(1),
+                reason,
             })
         }
         Joined::Cached => {

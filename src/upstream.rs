@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE, USER_AGENT};
-use http::{Request, StatusCode};
+use http::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE, RETRY_AFTER, USER_AGENT};
+use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -72,6 +72,14 @@ pub enum FetchError {
     NotFound { url: String },
     #[error("{url}: answered {status}")]
     Status { url: String, status: u16 },
+    /// The source answered but asked to be asked again later (`503` or `429`, with its
+    /// `Retry-After`): overloaded, or holding the bundle off after it failed verification.
+    #[error("{url}: answered {status}, retry after {}s", retry_after.as_secs())]
+    Busy {
+        url: String,
+        status: u16,
+        retry_after: Duration,
+    },
     #[error("{url}: {message}")]
     Protocol { url: String, message: String },
     #[error("{url}: no answer within {after:?}")]
@@ -330,7 +338,13 @@ impl Upstream {
             })?
             .map_err(|e| transport_error(url.clone(), &e))?;
         if !response.status().is_success() {
-            return Err(classify_status(&url, response.status(), String::new()));
+            let headers = response.headers();
+            return Err(classify_status(
+                &url,
+                response.status(),
+                headers,
+                String::new(),
+            ));
         }
         let body = Limited::new(response.into_body(), MAX_JSON_BODY);
         let bytes = tokio::time::timeout(self.stall_timeout, body.collect())
@@ -400,8 +414,9 @@ impl Upstream {
             };
 
         self.record_success(source.index);
-        let total = check_response(&response, offset, known_total)
-            .map_err(|message| classify_status(&url, response.status(), message))?;
+        let total = check_response(&response, offset, known_total).map_err(|message| {
+            classify_status(&url, response.status(), response.headers(), message)
+        })?;
         Ok(Opened {
             total,
             body: response.into_body(),
@@ -431,10 +446,35 @@ fn transport_error(url: String, error: &hyper_util::client::legacy::Error) -> Fe
     FetchError::Transport { url, message }
 }
 
-fn classify_status(url: &str, status: StatusCode, message: String) -> FetchError {
+/// The `Retry-After` a source without one (or with an HTTP date) is given.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` honoured: a parent cannot shut a bundle out for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// A source's `Retry-After` in seconds, within 1 s and [`MAX_RETRY_AFTER`].
+fn retry_after(headers: &HeaderMap) -> Duration {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs)
+        .clamp(Duration::from_secs(1), MAX_RETRY_AFTER)
+}
+
+fn classify_status(
+    url: &str,
+    status: StatusCode,
+    headers: &HeaderMap,
+    message: String,
+) -> FetchError {
     let url = url.to_string();
     match status {
         StatusCode::NOT_FOUND | StatusCode::GONE => FetchError::NotFound { url },
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => FetchError::Busy {
+            url,
+            status: status.as_u16(),
+            retry_after: retry_after(headers),
+        },
         s if s.is_success() => FetchError::Protocol { url, message },
         s => FetchError::Status {
             url,
@@ -513,6 +553,28 @@ mod tests {
             builder = builder.header(*name, *value);
         }
         builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_503_or_429_is_a_busy_source_with_its_retry_after_bounded() {
+        let busy = |status, headers: &[(&str, &str)]| {
+            let r = response(status, headers);
+            match classify_status("p", r.status(), r.headers(), String::new()) {
+                FetchError::Busy { retry_after, .. } => Some(retry_after.as_secs()),
+                _ => None,
+            }
+        };
+        assert_eq!(busy(503, &[("retry-after", "40")]), Some(40));
+        assert_eq!(busy(429, &[("retry-after", " 3 ")]), Some(3));
+        // None, an HTTP date, zero or hours: the default, or the bounds.
+        assert_eq!(busy(503, &[]), Some(10));
+        assert_eq!(
+            busy(503, &[("retry-after", "Fri, 04 Dec 2026 10:00:00 GMT")]),
+            Some(10)
+        );
+        assert_eq!(busy(503, &[("retry-after", "0")]), Some(1));
+        assert_eq!(busy(503, &[("retry-after", "86400")]), Some(300));
+        assert_eq!(busy(502, &[("retry-after", "5")]), None);
     }
 
     #[test]

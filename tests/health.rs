@@ -99,13 +99,15 @@ async fn a_root_whose_origin_fails_stays_ready_but_says_its_upstream_is_unreacha
     assert_eq!((status, json["site"].as_str()), (200, Some("test")));
     assert_eq!(json["degraded"], serde_json::json!([]));
 
-    // A fetch the origin refuses (503): the root still serves its cache, so it stays ready, but
-    // it says that nothing new can come down the tree.
+    // A fetch the origin refuses (503): the root passes the refusal on with a Retry-After and
+    // still serves its cache, so it stays ready, but it says that nothing new can come down
+    // the tree.
     let missing = origin.add(&content(1000, 5));
     let got = TestClient::default()
         .get(&bundle_url(&url_of(&root), &missing))
         .await;
-    assert_eq!(got.status, 502);
+    assert_eq!(got.status, 503);
+    assert_eq!(got.header("retry-after"), Some("10"));
     let (status, json) = get_json(&root, "/readyz").await;
     assert_eq!(status, 200);
     let degraded = json["degraded"][0].as_str().unwrap_or_default();

@@ -136,3 +136,49 @@ async fn refetch_after_corruption_stops_when_the_other_sources_lack_the_bundle()
     assert_eq!(leaf.running_fills(), 0);
     leaf.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_honours_its_parents_hold_off_instead_of_asking_per_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = MockUpstream::start(Behavior::Corrupt).await;
+    let data = content(300_000, 24);
+    let id = corrupt.add(&data);
+    let root = start_relay("root", dir.path(), &[], Some(&corrupt.origin_template())).await;
+    let leaf = start_relay("leaf", dir.path(), &[url_of(&root)], None).await;
+    let url = bundle_url(&url_of(&leaf), &id);
+    let client = TestClient::default();
+
+    // The first agent's fill fails at the root, which then holds the bundle off.
+    let first = within(20, client.try_send("GET", &url, &[])).await;
+    assert_not_delivered(&first);
+    eventually("the root holds the bundle off", || {
+        root.stats().integrity_failures == 1 && leaf.running_fills() == 0
+    })
+    .await;
+
+    // The next agent gets the root's 503 passed on with its Retry-After ...
+    let upstream_before = leaf.stats().upstream_requests;
+    let second = within(20, client.try_send("GET", &url, &[])).await.unwrap();
+    assert_eq!(second.status, 503);
+    let wait: u64 = second.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&wait), "Retry-After: {wait}");
+    assert_eq!(second.json()["relay"], "leaf");
+    assert_eq!(leaf.stats().upstream_requests, upstream_before + 1);
+
+    // ... and the agents after it get the same from the leaf, which does not ask again.
+    for _ in 0..5 {
+        let again = within(20, client.try_send("GET", &url, &[])).await.unwrap();
+        assert_eq!(again.status, 503);
+        assert!(again.header("retry-after").is_some());
+        let error = again.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(error.contains("refused by every upstream"), "{error}");
+    }
+    assert_eq!(leaf.stats().upstream_requests, upstream_before + 1);
+    assert_eq!(corrupt.requests(), 1, "the origin was asked once");
+    assert!(!cached(dir.path(), "leaf", &id) && !cached(dir.path(), "root", &id));
+    leaf.shutdown().await;
+    root.shutdown().await;
+}
