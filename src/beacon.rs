@@ -5,9 +5,12 @@
 //! A beacon is signed with a BLAKE3 keyed hash of its body under the 32-byte key from
 //! `[beacon] key_file`, sent in `X-Patchrelay-Signature`. A receiver refuses a beacon
 //! without a signature (401), with a wrong one (403), with a sequence number not above the
-//! last it saw from that relay (409), or with a timestamp further than `max_skew` from its
-//! own clock (400). Sequence numbers are kept on disk, so they keep growing across
-//! restarts. The outbox keeps at most [`MAX_OUTBOX`] beacons: when a receiver is away for
+//! last it saw from that relay (409), or with a timestamp further than `max_skew` ahead of
+//! its own clock (400). Sequence numbers are kept on disk at both ends: a sender's keep
+//! growing across restarts, and a receiver remembers the last one per relay (see
+//! [`SeqStore`]), so it takes a beacon however late it comes (it waited in a queue; a
+//! replay would repeat a sequence) and refuses replays after a restart too. A receiver
+//! without a state directory (tests) also refuses beacons older than `max_skew`. The outbox keeps at most [`MAX_OUTBOX`] beacons: when a receiver is away for
 //! long, the oldest beacons go first.
 
 use std::collections::BTreeMap;
@@ -28,7 +31,10 @@ use crate::body::ResponseBody;
 use crate::config::Config;
 use crate::health::{self, UpstreamState};
 use crate::reports::{self, SIGNATURE_HEADER};
+
+mod seqs;
 use crate::server::{require_method, ApiError, AppState};
+pub use seqs::{SeqError, SeqStore};
 
 /// Most beacons waiting in an outbox.
 pub const MAX_OUTBOX: usize = 1000;
@@ -249,30 +255,19 @@ fn push_bounded(outbox: &Path, body: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Most relays whose last sequence a receiver remembers.
-const MAX_RELAYS: usize = 100_000;
-
 /// Refuses a sequence not above the last one seen from the same relay; with `record`,
-/// remembers it.
+/// remembers it (on disk, where the relay keeps a state directory).
 fn check_sequence(state: &AppState, beacon: &Beacon, record: bool) -> Result<(), ApiError> {
-    let mut seqs = state.beacon_seqs.lock().unwrap_or_else(|e| e.into_inner());
-    if !seqs.contains_key(&beacon.relay) && seqs.len() >= MAX_RELAYS {
-        return Err(ApiError::Conflict(
-            "too many relays known to this receiver".into(),
-        ));
-    }
-    let last = seqs.get(&beacon.relay).copied().unwrap_or(0);
-    if beacon.seq <= last {
-        let why = format!(
-            "beacon {} from {} is replayed or old (last {last})",
-            beacon.seq, beacon.relay
-        );
-        return Err(ApiError::Conflict(why));
-    }
-    if record {
-        seqs.insert(beacon.relay.clone(), beacon.seq);
-    }
-    Ok(())
+    let seqs = &state.beacon_seqs;
+    let checked = if record {
+        seqs.record(&beacon.relay, beacon.seq)
+    } else {
+        seqs.check(&beacon.relay, beacon.seq)
+    };
+    checked.map_err(|e| match e {
+        SeqError::Old { .. } | SeqError::TooManyRelays => ApiError::Conflict(e.to_string()),
+        SeqError::Io { .. } => ApiError::Internal(e.to_string()),
+    })
 }
 
 /// Checks a received beacon body: its signature under `key` (401 without one, 403 when
@@ -281,7 +276,8 @@ fn check_sequence(state: &AppState, beacon: &Beacon, record: bool) -> Result<(),
 ///
 /// With `accept_late`, a beacon older than `max_skew` passes (one ahead of the clock
 /// still does not): for a receiver that keeps every relay's last sequence durably (the
-/// monitor), so an old beacon can only be one that waited in a queue, never a replay.
+/// monitor, and relays with their [`SeqStore`]), so an old beacon can only be one that
+/// waited in a queue, never a replay.
 pub fn decode(
     key: &[u8; 32],
     signature: Option<&str>,
@@ -338,13 +334,14 @@ pub async fn receive(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let body = crate::server::read_body(request, "the beacon body", MAX_BODY).await?;
-    // A relay keeps the sequences it saw in memory only: an old beacon could be a replay.
+    // Where the sequences seen are kept on disk, a late beacon is one that waited in a
+    // queue below (this relay's or a child's parent was away), not a replay.
     let beacon = decode(
         &key,
         signature.as_deref(),
         &body,
         state.beacon_max_skew,
-        false,
+        state.beacon_seqs.is_durable(),
     )?;
     check_sequence(state, &beacon, false)?;
 

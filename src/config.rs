@@ -94,8 +94,8 @@ pub struct BeaconConfig {
     /// File holding the 32-byte key (64 hex characters) shared by the tree and the
     /// monitor. `None` = beacons off, and `/v1/beacons` refuses everything.
     pub key_file: Option<PathBuf>,
-    /// A received beacon whose timestamp is further than this from now is refused.
-    /// Default 5 minutes.
+    /// A received beacon whose timestamp is further than this ahead of now is refused
+    /// (older ones are taken where sequences are kept on disk). Default 5 minutes.
     pub max_skew: Duration,
 }
 

@@ -152,7 +152,7 @@ fn beacon(seq: u64, sent_at: chrono::DateTime<Utc>) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn a_relay_refuses_unsigned_tampered_replayed_and_skewed_beacons() {
+async fn a_relay_refuses_unsigned_tampered_replayed_and_skewed_beacons_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     write_key(dir.path());
     let extra = "[beacon]\nkey_file = \"beacon.key\"\nmax_skew = \"1m\"\n";
@@ -191,15 +191,39 @@ async fn a_relay_refuses_unsigned_tampered_replayed_and_skewed_beacons() {
         409,
         "old sequence"
     );
-    let skewed = beacon(6, Utc::now() - chrono::Duration::minutes(10));
+    let ahead = beacon(6, Utc::now() + chrono::Duration::minutes(10));
     assert_eq!(
-        post_beacon(&relay, &skewed, Some(&sign(&KEY, &skewed))).await,
+        post_beacon(&relay, &ahead, Some(&sign(&KEY, &ahead))).await,
         400,
         "clock skew"
     );
-    let next = beacon(6, Utc::now());
+    // Ten minutes late, but with a new sequence: it waited in a queue below while this
+    // relay (or the path to it) was away, so it is taken and passed on.
+    let late = beacon(6, Utc::now() - chrono::Duration::minutes(10));
+    assert_eq!(
+        post_beacon(&relay, &late, Some(&sign(&KEY, &late))).await,
+        202,
+        "late"
+    );
+    let next = beacon(7, Utc::now());
     assert_eq!(
         post_beacon(&relay, &next, Some(&sign(&KEY, &next))).await,
+        202
+    );
+    relay.shutdown().await;
+
+    // Restarted, the relay still knows the last sequence: a replay is refused.
+    let relay = Relay::start(&relay_config_with("parent", dir.path(), &[], None, extra))
+        .await
+        .unwrap();
+    assert_eq!(
+        post_beacon(&relay, &next, Some(&sign(&KEY, &next))).await,
+        409,
+        "replayed after a restart"
+    );
+    let after = beacon(8, Utc::now());
+    assert_eq!(
+        post_beacon(&relay, &after, Some(&sign(&KEY, &after))).await,
         202
     );
     relay.shutdown().await;
