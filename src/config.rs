@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// closed. Default 75 s: above the 60 s a child relay keeps idle connections to its
     /// parent, so the child closes first and never reuses a connection being closed.
     pub idle_timeout: Duration,
+    /// Time a request body (reports, beacons, deployments) may stall between two reads
+    /// before the request gets 408 and the connection is closed. Default 20 s.
+    pub body_timeout: Duration,
     /// Largest request head (request line and headers); larger gets 431. Default 16 KiB.
     pub max_header_size: usize,
     /// Fills running at once; a request that would start one more gets 503. Default 256.
@@ -78,6 +81,7 @@ impl Default for ServerConfig {
             max_connections_per_client: 512,
             header_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(75),
+            body_timeout: Duration::from_secs(20),
             max_header_size: 16 * 1024,
             max_fills: 256,
             max_report_body: crate::reports::MAX_BODY,
@@ -346,6 +350,7 @@ pub(crate) struct RawServer {
     max_connections_per_client: Option<Spanned<usize>>,
     header_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    body_timeout: Option<Spanned<String>>,
     max_header_size: Option<Spanned<String>>,
     max_fills: Option<Spanned<usize>>,
     max_report_body: Option<Spanned<String>>,
@@ -721,6 +726,8 @@ impl Ctx<'_> {
         )?;
         server.idle_timeout =
             self.duration("server.idle_timeout", raw.idle_timeout, server.idle_timeout)?;
+        server.body_timeout =
+            self.duration("server.body_timeout", raw.body_timeout, server.body_timeout)?;
         if let Some(size) = &raw.max_header_size {
             let bytes = crate::units::parse_size(size.get_ref())
                 .map_err(|m| self.invalid("server.max_header_size", size, m))?;
@@ -1165,7 +1172,7 @@ stall_timeout = "1m"
     fn server_limits_parse_and_bad_ones_name_their_line() {
         let config = parse(&format!(
             "{GOOD}\n[server]\nmax_connections = 100\nmax_connections_per_client = 10\n\
-             header_timeout = \"5s\"\nidle_timeout = \"2m\"\nmax_header_size = \"8 KiB\"\n\
+             header_timeout = \"5s\"\nidle_timeout = \"2m\"\nbody_timeout = \"9s\"\nmax_header_size = \"8 KiB\"\n\
              max_fills = 3\nmax_report_body = \"1 MiB\"\nmax_report_batch = 100\n"
         ))
         .unwrap();
@@ -1176,6 +1183,7 @@ stall_timeout = "1m"
                 max_connections_per_client: 10,
                 header_timeout: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(120),
+                body_timeout: Duration::from_secs(9),
                 max_header_size: 8192,
                 max_fills: 3,
                 max_report_body: 1024 * 1024,

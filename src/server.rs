@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{
-    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
-    IF_NONE_MATCH, IF_RANGE, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
+    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
+    ETAG, IF_NONE_MATCH, IF_RANGE, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -180,6 +180,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{what} exceeds the limit of {limit}")]
     TooLarge { what: &'static str, limit: String },
+    #[error("{what} stalled: no byte for {}s ([server] body_timeout)", after.as_secs_f64())]
+    BodyTimeout { what: &'static str, after: Duration },
     #[error("the report spool is full; retry later")]
     SpoolFull,
     #[error("this must carry an X-Patchrelay-Signature")]
@@ -220,6 +222,7 @@ impl ApiError {
             Self::Forbidden | Self::BadSignature => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Limited(Refusal::RequestRate { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Self::Limited(_)
             | Self::SpoolFull
@@ -283,6 +286,8 @@ impl ApiError {
             }
             Self::Unauthorized => builder = builder.header(WWW_AUTHENTICATE, "Bearer"),
             Self::SpoolFull => builder = builder.header(RETRY_AFTER, 30),
+            // The rest of the body is not read, so the connection cannot carry on.
+            Self::BodyTimeout { .. } => builder = builder.header(CONNECTION, "close"),
             Self::FillsBusy { .. } => builder = builder.header(RETRY_AFTER, 5),
             Self::HeldOff {
                 retry_after_secs, ..
@@ -333,15 +338,39 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large());
     }
-    match http_body_util::Limited::new(request.into_body(), max)
-        .collect()
-        .await
-    {
-        Ok(body) => Ok(body.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::BadRequest(format!("{what}: {e}"))),
+    let stall = request
+        .extensions()
+        .get::<BodyTimeout>()
+        .map_or(DEFAULT_BODY_TIMEOUT, |t| t.0);
+
+    // Frame by frame, so a client that trickles a body (or stops) is cut after `stall`
+    // without a byte, however large the body.
+    let mut body = http_body_util::Limited::new(request.into_body(), max);
+    let mut bytes = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => return Err(ApiError::BodyTimeout { what, after: stall }),
+            Ok(None) => return Ok(bytes.freeze()),
+            Ok(Some(frame)) => frame,
+        };
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) => return Err(ApiError::BadRequest(format!("{what}: {e}"))),
+        }
     }
 }
+
+/// How long a request body may stall between two reads (`[server] body_timeout`), put in
+/// each request's extensions by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub Duration);
+
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Refuses any method but `allowed` with 405.
 pub fn require_method(method: &Method, allowed: Method) -> Result<(), ApiError> {
@@ -757,6 +786,7 @@ pub struct ConnectionLimits {
     pub max_per_client: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_timeout: Duration,
     pub max_header_size: usize,
 }
 
@@ -768,6 +798,7 @@ impl From<&crate::config::ServerConfig> for ConnectionLimits {
             max_per_client: server.max_connections_per_client,
             header_timeout: server.header_timeout,
             idle_timeout: server.idle_timeout,
+            body_timeout: server.body_timeout,
             max_header_size: server.max_header_size,
         }
     }
@@ -927,7 +958,9 @@ pub async fn accept_loop(
                         certified: false,
                     };
                     let clock = ConnClock::new(limits.header_timeout, limits.idle_timeout);
-                    let service = connection_service(handler.clone(), client, clock.clone());
+                    let body_timeout = BodyTimeout(limits.body_timeout);
+                    let service =
+                        connection_service(handler.clone(), client, clock.clone(), body_timeout);
                     let stream = Metered::new(stream, clock.clone());
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
@@ -941,6 +974,7 @@ pub async fn accept_loop(
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let watcher = graceful.watcher();
                 let (header_timeout, idle_timeout) = (limits.header_timeout, limits.idle_timeout);
+                let body_timeout = BodyTimeout(limits.body_timeout);
                 let handler = handler.clone();
                 connections.spawn(async move {
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
@@ -955,7 +989,8 @@ pub async fn accept_loop(
                                     .is_some_and(|certs| !certs.is_empty()),
                             };
                             let clock = ConnClock::new(header_timeout, idle_timeout);
-                            let service = connection_service(handler, client, clock.clone());
+                            let service =
+                                connection_service(handler, client, clock.clone(), body_timeout);
                             let stream = Metered::new(stream, clock.clone());
                             let connection =
                                 builder.serve_connection(TokioIo::new(stream), service);
@@ -998,6 +1033,7 @@ fn connection_service(
     handler: Handler,
     client: Peer,
     clock: Arc<ConnClock>,
+    body_timeout: BodyTimeout,
 ) -> TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
@@ -1006,8 +1042,9 @@ fn connection_service(
             Future = impl std::future::Future<Output = Result<ConnResponse, Infallible>> + Send,
         > + Clone,
 > {
-    TowerToHyperService::new(tower::service_fn(move |request| {
+    TowerToHyperService::new(tower::service_fn(move |mut request: Request<Incoming>| {
         let in_flight = clock.request_started();
+        request.extensions_mut().insert(body_timeout);
         let response = handler(client, request);
         async move {
             let response = response.await;

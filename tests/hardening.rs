@@ -314,3 +314,41 @@ async fn invalid_report_batches_are_400_oversized_ones_413_and_nothing_is_spoole
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_body_that_stalls_gets_408_while_other_clients_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let data = content(100_000, 83);
+    let id = origin.add(&data);
+    let relay = relay_with(dir.path(), &origin, "body_timeout = \"500ms\"\n").await;
+    let addr = relay.local_addr();
+
+    // A whole head, then a few bytes of a 4,000-byte body, then silence.
+    let started = Instant::now();
+    let mut slow = connect_from([127, 0, 0, 8], addr).await;
+    let cut = tokio::spawn(async move {
+        let request = "POST /v1/reports HTTP/1.1\r\nhost: relay\r\n\
+                       content-type: application/json\r\ncontent-length: 4000\r\n\r\n[{\"rep";
+        let answer = exchange(&mut slow, request.as_bytes()).await;
+        (answer, started.elapsed())
+    });
+
+    let got = TestClient::default()
+        .get(&bundle_url(&url_of(&relay), &id))
+        .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.bytes(), &data[..]);
+
+    let (answer, after) = within(10, cut).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("the reports body stalled"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(
+        after >= Duration::from_millis(400) && after < Duration::from_secs(4),
+        "cut after {after:?}"
+    );
+    let spool = dir.path().join("edge-cache").join("spool").join("reports");
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    relay.shutdown().await;
+}
