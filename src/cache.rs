@@ -49,6 +49,10 @@ pub struct Cache {
     disk: DiskHealth,
     /// Bundles evicted to make room, in all.
     pub evictions: AtomicU64,
+    /// The bundle whose file this process gave the newest mtime of all, and that mtime
+    /// (nanoseconds since 1970): hits on it need not write it again (see
+    /// [`Cache::open_bundle`]).
+    newest: Mutex<Option<(BundleId, u64)>>,
 }
 
 /// Whether the cache dir takes writes, and when that was last logged.
@@ -142,6 +146,22 @@ impl Drop for Lease {
     }
 }
 
+/// What [`Cache::open_bundle_nowait`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// The bundle, open, with its length.
+    Opened(File, u64),
+    NotCached,
+    /// Finding out needs the disk: use [`Cache::open_bundle`] in the blocking pool.
+    WouldBlock,
+}
+
+/// `at` in nanoseconds since 1970 (0 before it).
+fn nanos(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// What [`Cache::open_for_serving`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheSummary {
@@ -214,6 +234,7 @@ impl Cache {
             index: Mutex::default(),
             disk: DiskHealth::default(),
             evictions: AtomicU64::new(0),
+            newest: Mutex::new(None),
         };
         for dir in [&cache.objects, &cache.tmp, &cache.pins] {
             fs::create_dir_all(dir).map_err(|source| CacheError {
@@ -258,27 +279,62 @@ impl Cache {
     }
 
     /// Opens cached bundle `id`, with its length, and records the access; `None` when it
-    /// is not cached.
+    /// is not cached. May wait for the disk: call it from the blocking pool.
     pub fn open_bundle(&self, id: &BundleId) -> io::Result<Option<(File, u64)>> {
         match File::open(self.object_path(id)) {
-            Ok(file) => {
-                let len = file.metadata()?.len();
-                let now = SystemTime::now();
-                // The mtime carries recency across restarts. Failing to set it costs only
-                // recency, so it does not fail the request.
-                let _ = file.set_modified(now);
-                let mut index = self.index();
-                // Known bundles just get the new time. An unknown one (published while the
-                // relay runs, or evicted or purged since the open) is added only if its file
-                // is still there, so no ghost entry appears; the stat stays off common hits.
-                if !index.touch_known(id, now) && self.object_path(id).is_file() {
-                    index.touch(*id, len, now);
-                }
-                Ok(Some((file, len)))
-            }
+            Ok(file) => self.opened(id, file).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// [`Cache::open_bundle`] for the async threads: the path is looked up only in the
+    /// kernel's caches (`openat2` with `RESOLVE_CACHED`), so the call never waits for the
+    /// disk. [`Lookup::WouldBlock`] when the lookup needs the disk (or the kernel is older
+    /// than 5.12): the caller then uses `open_bundle` in the blocking pool. A hit on a hot
+    /// bundle thus costs no hand-off between threads.
+    pub fn open_bundle_nowait(&self, id: &BundleId) -> io::Result<Lookup> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
+
+        let path = self.object_path(id);
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+        match openat2(CWD, &path, flags, Mode::empty(), ResolveFlags::CACHED) {
+            Ok(fd) => {
+                let (file, len) = self.opened(id, File::from(fd))?;
+                Ok(Lookup::Opened(file, len))
+            }
+            Err(rustix::io::Errno::NOENT) => Ok(Lookup::NotCached),
+            // EAGAIN: not all in the caches; ENOSYS, EINVAL: no openat2 or no
+            // RESOLVE_CACHED here. Anything else, the blocking open reports properly.
+            Err(_) => Ok(Lookup::WouldBlock),
+        }
+    }
+
+    /// The length of an opened bundle, with its access recorded.
+    fn opened(&self, id: &BundleId, file: File) -> io::Result<(File, u64)> {
+        let meta = file.metadata()?;
+        let len = meta.len();
+        let now = SystemTime::now();
+
+        // The mtime carries the order of last accesses across restarts. Only the order
+        // matters, so a hit on the bundle with the newest mtime of all (a hot bundle hit
+        // again and again) leaves it be and does not dirty the inode. Failing to set it
+        // costs only recency, so it does not fail the request.
+        let mtime = meta.modified().map_or(0, nanos);
+        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        if *newest != Some((*id, mtime)) && file.set_modified(now).is_ok() {
+            *newest = Some((*id, nanos(now)));
+        }
+        drop(newest);
+
+        let mut index = self.index();
+        // Known bundles just get the new time. An unknown one (published while the relay
+        // runs, or evicted or purged since the open) is added only if its file is still
+        // there, so no ghost entry appears; the stat stays off common hits.
+        if !index.touch_known(id, now) && self.object_path(id).is_file() {
+            index.touch(*id, len, now);
+        }
+        Ok((file, len))
     }
 
     /// Whether bundle `id` is cached.
@@ -366,6 +422,8 @@ impl Cache {
         };
         temp.file.sync_all()?;
         let size = temp.file.metadata()?.len();
+        // Its mtime, its last write, is now the newest (perhaps tied with another's).
+        *self.newest.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let dest = self.object_path(id);
         let dir = dest
             .parent()
@@ -681,6 +739,53 @@ mod tests {
         let (_, len) = cache.open_bundle(&id).unwrap().expect("committed bundle");
         assert_eq!(len, 3);
         assert_eq!(fs::read(cache.object_path(&id)).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn a_hot_bundle_opens_without_the_disk_and_only_a_change_of_order_writes_mtimes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = Cache::open_for_serving(dir.path(), CacheBounds::default()).unwrap();
+        let id = BundleId::of(b"hot");
+        let temp = cache.create_temp(&id).unwrap();
+        temp.file().write_all_at(b"hot", 0).unwrap();
+        cache.commit(temp, &id).unwrap();
+
+        // Just written, so every path component is in the kernel's caches.
+        match cache.open_bundle_nowait(&id).unwrap() {
+            Lookup::Opened(_, len) => assert_eq!(len, 3),
+            other => panic!("a hot bundle should open on the calling thread: {other:?}"),
+        }
+        let absent = BundleId::of(b"absent");
+        assert!(!matches!(
+            cache.open_bundle_nowait(&absent).unwrap(),
+            Lookup::Opened(..)
+        ));
+
+        // A second bundle, committed later, has the newest mtime.
+        let other = BundleId::of(b"other");
+        let temp = cache.create_temp(&other).unwrap();
+        temp.file().write_all_at(b"other", 0).unwrap();
+        cache.commit(temp, &other).unwrap();
+        let mtime = |id: &BundleId| {
+            fs::metadata(cache.object_path(id))
+                .unwrap()
+                .modified()
+                .unwrap()
+        };
+
+        // A hit on the older one writes its mtime: it is now the most recently used ...
+        cache.open_bundle(&id).unwrap().unwrap();
+        let after_hit = mtime(&id);
+        assert!(
+            after_hit > mtime(&other),
+            "the order of accesses survives a restart"
+        );
+        // ... and hits on it again leave the newest mtime of all alone.
+        cache.open_bundle(&id).unwrap().unwrap();
+        assert_eq!(mtime(&id), after_hit);
+        // A hit on the other writes again.
+        cache.open_bundle(&other).unwrap().unwrap();
+        assert!(mtime(&other) > after_hit);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::admin;
 use crate::body::{self, Progress, ResponseBody};
 use crate::bundle::{BundleId, BundleIdError};
-use crate::cache::Cache;
+use crate::cache::{Cache, Lookup};
 use crate::conn_clock::{ConnClock, Expired, Metered, Tracked};
 use crate::fill::{FillError, Fills, HoldReason, Joined};
 use crate::health;
@@ -632,13 +632,20 @@ async fn serve_cached(
     request: &BundleRequest,
 ) -> Result<Option<Response<ResponseBody>>, ApiError> {
     let (cache, id) = (state.cache.clone(), request.id);
-    let opened = tokio::task::spawn_blocking(move || cache.open_bundle(&id))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| {
-            error!(bundle.id = %id, error = %e, "cannot open cached bundle");
-            ApiError::Internal(e.to_string())
-        })?;
+    let cannot_open = |e: std::io::Error| {
+        error!(bundle.id = %id, error = %e, "cannot open cached bundle");
+        ApiError::Internal(e.to_string())
+    };
+    // A hot bundle opens on this thread; only a lookup that needs the disk goes through
+    // the blocking pool.
+    let opened = match cache.open_bundle_nowait(&id).map_err(cannot_open)? {
+        Lookup::Opened(file, len) => Some((file, len)),
+        Lookup::NotCached => None,
+        Lookup::WouldBlock => tokio::task::spawn_blocking(move || cache.open_bundle(&id))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(cannot_open)?,
+    };
     let Some((file, len)) = opened else {
         return Ok(None);
     };
