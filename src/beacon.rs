@@ -255,19 +255,12 @@ fn push_bounded(outbox: &Path, body: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Refuses a sequence not above the last one seen from the same relay; with `record`,
-/// remembers it (on disk, where the relay keeps a state directory).
-fn check_sequence(state: &AppState, beacon: &Beacon, record: bool) -> Result<(), ApiError> {
-    let seqs = &state.beacon_seqs;
-    let checked = if record {
-        seqs.record(&beacon.relay, beacon.seq)
-    } else {
-        seqs.check(&beacon.relay, beacon.seq)
-    };
-    checked.map_err(|e| match e {
+/// A sequence refused (409) or not recorded (500).
+fn seq_error(e: SeqError) -> ApiError {
+    match e {
         SeqError::Old { .. } | SeqError::TooManyRelays => ApiError::Conflict(e.to_string()),
         SeqError::Io { .. } => ApiError::Internal(e.to_string()),
-    })
+    }
 }
 
 /// Checks a received beacon body: its signature under `key` (401 without one, 403 when
@@ -343,18 +336,25 @@ pub async fn receive(
         state.beacon_max_skew,
         state.beacon_seqs.is_durable(),
     )?;
-    check_sequence(state, &beacon, false)?;
+    state
+        .beacon_seqs
+        .check(&beacon.relay, beacon.seq)
+        .map_err(seq_error)?;
 
-    if let Some(outbox) = state.beacon_outbox.clone() {
-        let body = body.to_vec();
-        tokio::task::spawn_blocking(move || push_bounded(&outbox, &body))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(format!("beacon outbox: {e}")))?;
-    }
-    // Recorded only once stored: a sender whose beacon could not be stored retries, and
-    // must not then be told (409) that it was delivered.
-    check_sequence(state, &beacon, true)?;
+    // Both writes in the blocking pool. The sequence is recorded only once the beacon is
+    // stored: a sender whose beacon could not be stored retries, and must not then be told
+    // (409) that it was delivered.
+    let (outbox, seqs) = (state.beacon_outbox.clone(), state.beacon_seqs.clone());
+    let (relay, seq) = (beacon.relay.clone(), beacon.seq);
+    tokio::task::spawn_blocking(move || {
+        if let Some(outbox) = outbox {
+            push_bounded(&outbox, &body)
+                .map_err(|e| ApiError::Internal(format!("beacon outbox: {e}")))?;
+        }
+        seqs.record(&relay, seq).map_err(seq_error)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     let mut response = admin::json(&serde_json::json!({ "accepted": beacon.seq }))?;
     *response.status_mut() = StatusCode::ACCEPTED;
     Ok(response)

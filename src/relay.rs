@@ -177,12 +177,13 @@ impl Relay {
             })?;
             state.beacon_outbox = Some(outbox);
             let seqs = config.relay.cache_dir.join("spool").join("beacon-seqs");
-            state.beacon_seqs = crate::beacon::SeqStore::open(&seqs).map_err(|source| {
+            let store = crate::beacon::SeqStore::open(&seqs).map_err(|source| {
                 StartError::Cache(CacheError {
                     path: seqs.clone(),
                     source,
                 })
             })?;
+            state.beacon_seqs = Arc::new(store);
         }
         let spool_dir = config.relay.cache_dir.join("spool").join("reports");
         let spool = Spool::open(&spool_dir, config.monitor.spool_max).map_err(|source| {

@@ -83,7 +83,7 @@ pub struct AppState {
     /// Where received beacons wait for the next hop up.
     pub beacon_outbox: Option<std::path::PathBuf>,
     /// Highest beacon sequence seen per relay, to refuse replays.
-    pub beacon_seqs: crate::beacon::SeqStore,
+    pub beacon_seqs: Arc<crate::beacon::SeqStore>,
     /// Largest report body and batch accepted (`[server] max_report_body`, `_batch`).
     pub report_limits: ReportLimits,
 }
@@ -132,7 +132,7 @@ impl AppState {
             beacon_key: None,
             beacon_outbox: None,
             beacon_max_skew: Duration::from_secs(300),
-            beacon_seqs: crate::beacon::SeqStore::memory(),
+            beacon_seqs: Arc::new(crate::beacon::SeqStore::memory()),
             report_limits: ReportLimits::from(&crate::config::ServerConfig::default()),
         }
     }
