@@ -244,7 +244,11 @@ impl Fills {
             .held_off
             .lock()
             .expect("hold-off lock is never poisoned");
-        let failures = held.get(&id).map_or(0, |h| h.failures);
+        // A verification backoff long over starts afresh, as in `held_off`.
+        let failures = held
+            .get(&id)
+            .filter(|h| h.until + HOLD_OFF_MAX >= Instant::now())
+            .map_or(0, |h| h.failures);
         held.insert(
             id,
             HoldOff {
@@ -544,9 +548,18 @@ impl Fills {
                     });
                 }
                 Err(CopyError::Source(e)) => {
-                    // A 404 is an answer; a "retry later" counts against the source's
-                    // health, since nothing new comes through it meanwhile.
-                    if !matches!(e, FetchError::NotFound { .. }) {
+                    // A 404 is an answer, and so is a parent relay's "retry later" (about
+                    // this bundle, or its load at the moment); an origin's 503 is a
+                    // failing origin.
+                    let answered = matches!(
+                        e,
+                        FetchError::NotFound { .. }
+                            | FetchError::Busy {
+                                from_relay: true,
+                                ..
+                            }
+                    );
+                    if !answered {
                         self.upstream.record_failure(source.index, &e);
                     }
                     log_source_failure(&id, source, &e, transfer.written, n + 1 < sources.len());

@@ -74,11 +74,14 @@ pub enum FetchError {
     Status { url: String, status: u16 },
     /// The source answered but asked to be asked again later (`503` or `429`, with its
     /// `Retry-After`): overloaded, or holding the bundle off after it failed verification.
+    /// `from_relay` when a patchrelay parent said so (it says so per bundle or per load;
+    /// an origin that answers 503 is failing).
     #[error("{url}: answered {status}, retry after {}s", retry_after.as_secs())]
     Busy {
         url: String,
         status: u16,
         retry_after: Duration,
+        from_relay: bool,
     },
     #[error("{url}: {message}")]
     Protocol { url: String, message: String },
@@ -474,6 +477,7 @@ fn classify_status(
             url,
             status: status.as_u16(),
             retry_after: retry_after(headers),
+            from_relay: headers.contains_key(RELAY_HEADER),
         },
         s if s.is_success() => FetchError::Protocol { url, message },
         s => FetchError::Status {

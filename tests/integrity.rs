@@ -178,6 +178,13 @@ async fn a_child_honours_its_parents_hold_off_instead_of_asking_per_agent() {
     }
     assert_eq!(leaf.stats().upstream_requests, upstream_before + 1);
     assert_eq!(corrupt.requests(), 1, "the origin was asked once");
+
+    // A parent relay's "later" is about this bundle, not its health: the leaf does not
+    // count it as a failing parent.
+    let ready = client.get(&format!("{}/readyz", url_of(&leaf))).await;
+    assert_eq!(ready.status, 200);
+    let upstream = &ready.json()["upstream"][0];
+    assert_eq!(upstream["consecutive_failures"], 0, "{upstream}");
     assert!(!cached(dir.path(), "leaf", &id) && !cached(dir.path(), "root", &id));
     leaf.shutdown().await;
     root.shutdown().await;
