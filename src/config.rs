@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// closed. Default 75 s: above the 60 s a child relay keeps idle connections to its
     /// parent, so the child closes first and never reuses a connection being closed.
     pub idle_timeout: Duration,
+    /// Time a connection may have bytes to send that the client does not take (it stopped
+    /// reading) before it is closed. Default 60 s.
+    pub send_timeout: Duration,
     /// Time a request body (reports, beacons, deployments) may stall between two reads
     /// before the request gets 408 and the connection is closed. Default 20 s.
     pub body_timeout: Duration,
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             max_connections_per_client: 512,
             header_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(75),
+            send_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(20),
             max_header_size: 16 * 1024,
             max_fills: 256,
@@ -350,6 +354,7 @@ pub(crate) struct RawServer {
     max_connections_per_client: Option<Spanned<usize>>,
     header_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
     body_timeout: Option<Spanned<String>>,
     max_header_size: Option<Spanned<String>>,
     max_fills: Option<Spanned<usize>>,
@@ -726,6 +731,8 @@ impl Ctx<'_> {
         )?;
         server.idle_timeout =
             self.duration("server.idle_timeout", raw.idle_timeout, server.idle_timeout)?;
+        server.send_timeout =
+            self.duration("server.send_timeout", raw.send_timeout, server.send_timeout)?;
         server.body_timeout =
             self.duration("server.body_timeout", raw.body_timeout, server.body_timeout)?;
         if let Some(size) = &raw.max_header_size {
@@ -1172,7 +1179,7 @@ stall_timeout = "1m"
     fn server_limits_parse_and_bad_ones_name_their_line() {
         let config = parse(&format!(
             "{GOOD}\n[server]\nmax_connections = 100\nmax_connections_per_client = 10\n\
-             header_timeout = \"5s\"\nidle_timeout = \"2m\"\nbody_timeout = \"9s\"\nmax_header_size = \"8 KiB\"\n\
+             header_timeout = \"5s\"\nidle_timeout = \"2m\"\nbody_timeout = \"9s\"\nsend_timeout = \"3m\"\nmax_header_size = \"8 KiB\"\n\
              max_fills = 3\nmax_report_body = \"1 MiB\"\nmax_report_batch = 100\n"
         ))
         .unwrap();
@@ -1184,6 +1191,7 @@ stall_timeout = "1m"
                 header_timeout: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(120),
                 body_timeout: Duration::from_secs(9),
+                send_timeout: Duration::from_secs(180),
                 max_header_size: 8192,
                 max_fills: 3,
                 max_report_body: 1024 * 1024,

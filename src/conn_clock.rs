@@ -10,11 +10,15 @@
 //!
 //! - *head*: from accepting the connection, or from the first byte after an idle spell, until
 //!   a whole request head has arrived: at most `header_timeout`;
-//! - *busy*: a request is being answered: no deadline here (downloads have their own stall
-//!   and rate rules);
+//! - *busy*: a request is being answered: no phase deadline (a rate-limited download may
+//!   take hours);
 //! - *idle*: the last response is done and nothing has arrived since: closed after
 //!   `idle_timeout` without a write, so a response still draining to a slow client is never
 //!   cut.
+//!
+//! In every phase, a write the socket has not taken for `send_timeout` (the client stopped
+//! reading) ends the connection. The bytes counted are the socket's, beneath TLS, so the
+//! tail of a response draining out of the TLS buffer counts as progress too.
 
 use std::future::Future;
 use std::io;
@@ -48,6 +52,8 @@ pub enum Expired {
     Head,
     /// Idle for `idle_timeout` after its last response.
     Idle,
+    /// The socket took no byte for `send_timeout` while there was something to send.
+    Send,
 }
 
 /// The phase and deadlines of one connection, shared by its IO, its service and its task.
@@ -56,9 +62,13 @@ pub struct ConnClock {
     phase: Mutex<Phase>,
     /// Milliseconds from `start` to the last write, so writes need no lock.
     last_write_ms: AtomicU64,
+    /// Since when (milliseconds from `start`, plus 1) a write has been waiting for the
+    /// socket; 0 while none is.
+    write_pending_ms: AtomicU64,
     start: Instant,
     header_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
     /// Woken when a phase with a deadline begins (idle after the last response, head after
     /// idling), so [`watch`] does not sleep past a deadline set after it went to sleep.
     changed: Notify,
@@ -66,14 +76,16 @@ pub struct ConnClock {
 
 impl ConnClock {
     /// The clock of a connection accepted now: in the head phase.
-    pub fn new(header_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
+    pub fn new(timeouts: Timeouts) -> Arc<Self> {
         let start = Instant::now();
         Arc::new(Self {
             phase: Mutex::new(Phase::Head(start)),
             last_write_ms: AtomicU64::new(0),
+            write_pending_ms: AtomicU64::new(0),
             start,
-            header_timeout,
-            idle_timeout,
+            header_timeout: timeouts.header,
+            idle_timeout: timeouts.idle,
+            send_timeout: timeouts.send,
             changed: Notify::new(),
         })
     }
@@ -93,10 +105,22 @@ impl ConnClock {
         }
     }
 
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
     fn on_write(&self) {
-        let ms = self.start.elapsed().as_millis();
         self.last_write_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+            .store(self.elapsed_ms(), Ordering::Relaxed);
+        self.write_pending_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The socket would not take a write: the send clock runs from the first such refusal.
+    fn on_write_pending(&self) {
+        let since = self.elapsed_ms() + 1;
+        let _ =
+            self.write_pending_ms
+                .compare_exchange(0, since, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// A whole request head arrived; the request counts as in flight until the returned
@@ -125,18 +149,51 @@ impl ConnClock {
         }
     }
 
-    /// When the current phase runs out, and which deadline that is; `None` while busy.
-    fn deadline(&self) -> Option<(Instant, Expired)> {
+    /// When to look at the connection again: its phase's deadline or the send deadline,
+    /// and at least every half send timeout (a write starts waiting without waking
+    /// [`watch`], so a stuck client is found within one and a half send timeouts).
+    fn next_check(&self, now: Instant) -> Instant {
+        let poll = now + self.send_timeout / 2;
+        let at = match *self.phase() {
+            Phase::Head(since) => poll.min(since + self.header_timeout),
+            Phase::Idle(since) => poll.min(since.max(self.last_write()) + self.idle_timeout),
+            Phase::Busy(_) => poll,
+        };
+        self.send_deadline().map_or(at, |send| at.min(send))
+    }
+
+    /// Which deadline has passed at `now`, if any.
+    fn expired(&self, now: Instant) -> Option<Expired> {
+        if self.send_deadline().is_some_and(|send| send <= now) {
+            return Some(Expired::Send);
+        }
         match *self.phase() {
-            Phase::Busy(_) => None,
-            Phase::Head(since) => Some((since + self.header_timeout, Expired::Head)),
-            Phase::Idle(since) => {
-                let written =
-                    self.start + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed));
-                Some((since.max(written) + self.idle_timeout, Expired::Idle))
+            Phase::Head(since) if since + self.header_timeout <= now => Some(Expired::Head),
+            Phase::Idle(since) if since.max(self.last_write()) + self.idle_timeout <= now => {
+                Some(Expired::Idle)
             }
+            _ => None,
         }
     }
+
+    fn last_write(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
+    }
+
+    fn send_deadline(&self) -> Option<Instant> {
+        match self.write_pending_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(self.start + Duration::from_millis(since - 1) + self.send_timeout),
+        }
+    }
+}
+
+/// A connection's deadlines (from `[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub idle: Duration,
+    pub send: Duration,
 }
 
 /// A request in flight; ends it when dropped.
@@ -161,18 +218,14 @@ where
 {
     tokio::pin!(connection);
     loop {
-        let deadline = clock.deadline();
+        let at = clock.next_check(Instant::now());
         tokio::select! {
             done = &mut connection => return Ok(done),
             _ = clock.changed.notified() => {}
-            _ = tokio::time::sleep_until(deadline.map_or_else(Instant::now, |d| d.0)),
-                if deadline.is_some() =>
-            {
+            _ = tokio::time::sleep_until(at) => {
                 // The phase may have moved on while this slept: look again.
-                if let Some((at, which)) = clock.deadline() {
-                    if at <= Instant::now() {
-                        return Err(which);
-                    }
+                if let Some(which) = clock.expired(Instant::now()) {
+                    return Err(which);
                 }
             }
         }
@@ -189,6 +242,14 @@ pub struct Metered<S> {
 impl<S> Metered<S> {
     pub fn new(inner: S, clock: Arc<ConnClock>) -> Self {
         Self { inner, clock }
+    }
+
+    fn note_write(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(n)) if *n > 0 => self.clock.on_write(),
+            Poll::Pending => self.clock.on_write_pending(),
+            Poll::Ready(_) => {}
+        }
     }
 }
 
@@ -214,11 +275,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            if n > 0 {
-                self.clock.on_write();
-            }
-        }
+        self.note_write(&polled);
         polled
     }
 
@@ -228,11 +285,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            if n > 0 {
-                self.clock.on_write();
-            }
-        }
+        self.note_write(&polled);
         polled
     }
 
@@ -291,10 +344,19 @@ mod tests {
 
     const HEAD: Duration = Duration::from_secs(2);
     const IDLE: Duration = Duration::from_secs(10);
+    const SEND: Duration = Duration::from_secs(30);
+
+    fn clock() -> Arc<ConnClock> {
+        ConnClock::new(Timeouts {
+            header: HEAD,
+            idle: IDLE,
+            send: SEND,
+        })
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_sends_no_head_expires_after_the_header_timeout() {
-        let clock = ConnClock::new(HEAD, IDLE);
+        let clock = clock();
         let started = Instant::now();
         let ended = watch(std::future::pending::<()>(), &clock).await;
         assert_eq!(ended, Err(Expired::Head));
@@ -303,7 +365,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_time_after_a_response_is_bounded_by_the_idle_timeout_alone() {
-        let clock = ConnClock::new(HEAD, IDLE);
+        let clock = clock();
         let request = clock.request_started();
         let finish = {
             let clock = clock.clone();
@@ -323,7 +385,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_first_byte_after_idling_starts_the_header_clock() {
-        let clock = ConnClock::new(HEAD, IDLE);
+        let clock = clock();
         drop(clock.request_started());
         let slow_head = {
             let clock = clock.clone();
@@ -340,7 +402,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_short_idle_timeout_ends_a_connection_that_began_under_a_long_header_clock() {
-        let clock = ConnClock::new(Duration::from_secs(30), Duration::from_secs(1));
+        let clock = ConnClock::new(Timeouts {
+            header: Duration::from_secs(30),
+            idle: Duration::from_secs(1),
+            send: SEND,
+        });
         let one_request = {
             let clock = clock.clone();
             async move {
@@ -356,7 +422,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_response_still_draining_is_not_idle() {
-        let clock = ConnClock::new(HEAD, IDLE);
+        let clock = clock();
         drop(clock.request_started());
         let draining = {
             let clock = clock.clone();
@@ -375,8 +441,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_mid_download_is_cut_after_the_send_timeout() {
+        let clock = clock();
+        let stuck = {
+            let clock = clock.clone();
+            async move {
+                let _request = clock.request_started();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                // The socket takes nothing more, from here on.
+                clock.on_write_pending();
+                std::future::pending::<()>().await
+            }
+        };
+        let started = Instant::now();
+        assert_eq!(watch(stuck, &clock).await, Err(Expired::Send));
+        assert_eq!(started.elapsed(), Duration::from_secs(5) + SEND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_download_that_makes_progress_is_never_cut() {
+        let clock = clock();
+        let slow = {
+            let clock = clock.clone();
+            async move {
+                let _request = clock.request_started();
+                for _ in 0..12 {
+                    // Full socket buffer, then a little taken, again and again.
+                    clock.on_write_pending();
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    clock.on_write();
+                }
+                "done"
+            }
+        };
+        assert_eq!(watch(slow, &clock).await, Ok("done"));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_connection_that_ends_by_itself_reports_its_output() {
-        let clock = ConnClock::new(HEAD, IDLE);
+        let clock = clock();
         assert_eq!(watch(async { 7 }, &clock).await, Ok(7));
     }
 }

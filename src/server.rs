@@ -31,7 +31,7 @@ use crate::admin;
 use crate::body::{self, Progress, ResponseBody};
 use crate::bundle::{BundleId, BundleIdError};
 use crate::cache::{Cache, Lookup};
-use crate::conn_clock::{ConnClock, Expired, Metered, Tracked};
+use crate::conn_clock::{ConnClock, Expired, Metered, Timeouts, Tracked};
 use crate::fill::{FillError, Fills, HoldReason, Joined};
 use crate::health;
 use crate::limits::{Limits, Refusal};
@@ -793,8 +793,19 @@ pub struct ConnectionLimits {
     pub max_per_client: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub send_timeout: Duration,
     pub body_timeout: Duration,
     pub max_header_size: usize,
+}
+
+impl ConnectionLimits {
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            header: self.header_timeout,
+            idle: self.idle_timeout,
+            send: self.send_timeout,
+        }
+    }
 }
 
 impl From<&crate::config::ServerConfig> for ConnectionLimits {
@@ -805,6 +816,7 @@ impl From<&crate::config::ServerConfig> for ConnectionLimits {
             max_per_client: server.max_connections_per_client,
             header_timeout: server.header_timeout,
             idle_timeout: server.idle_timeout,
+            send_timeout: server.send_timeout,
             body_timeout: server.body_timeout,
             max_header_size: server.max_header_size,
         }
@@ -964,7 +976,7 @@ pub async fn accept_loop(
                         addr: peer.ip(),
                         certified: false,
                     };
-                    let clock = ConnClock::new(limits.header_timeout, limits.idle_timeout);
+                    let clock = ConnClock::new(limits.timeouts());
                     let body_timeout = BodyTimeout(limits.body_timeout);
                     let service =
                         connection_service(handler.clone(), client, clock.clone(), body_timeout);
@@ -980,10 +992,14 @@ pub async fn accept_loop(
                 // The handshake runs in the connection's task, bounded like a request head.
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let watcher = graceful.watcher();
-                let (header_timeout, idle_timeout) = (limits.header_timeout, limits.idle_timeout);
+                let (header_timeout, timeouts) = (limits.header_timeout, limits.timeouts());
                 let body_timeout = BodyTimeout(limits.body_timeout);
                 let handler = handler.clone();
                 connections.spawn(async move {
+                    // Metered beneath TLS: the socket's own bytes, so the tail of a response
+                    // leaving the TLS buffer counts as progress.
+                    let clock = ConnClock::new(timeouts);
+                    let stream = Metered::new(stream, clock.clone());
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             // Any certificate here passed the `client_ca` verifier.
@@ -995,10 +1011,8 @@ pub async fn accept_loop(
                                     .peer_certificates()
                                     .is_some_and(|certs| !certs.is_empty()),
                             };
-                            let clock = ConnClock::new(header_timeout, idle_timeout);
                             let service =
                                 connection_service(handler, client, clock.clone(), body_timeout);
-                            let stream = Metered::new(stream, clock.clone());
                             let connection =
                                 builder.serve_connection(TokioIo::new(stream), service);
                             serve_connection(watcher.watch(connection), peer, &clock).await;
@@ -1072,6 +1086,9 @@ where
             debug!(client.addr = %peer, "no whole request head within header_timeout: closed")
         }
         Err(Expired::Idle) => debug!(client.addr = %peer, "idle past idle_timeout: closed"),
+        Err(Expired::Send) => {
+            debug!(client.addr = %peer, "the client took no byte within send_timeout: closed")
+        }
     }
 }
 

@@ -367,3 +367,42 @@ async fn a_report_body_that_stalls_gets_408_while_other_clients_are_served() {
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    // Far more than the loopback socket buffers hold.
+    let id = origin.add(&content(48 << 20, 84));
+    let server = "send_timeout = \"1s\"\nmax_connections = 1\n";
+    let relay = relay_with(dir.path(), &origin, server).await;
+    let addr = relay.local_addr();
+
+    // Asks for the bundle, then never reads: the relay's writes stop being taken.
+    let mut stuck = connect_from([127, 0, 0, 9], addr).await;
+    let request = format!("GET /v1/bundles/{id} HTTP/1.1\r\nhost: relay\r\n\r\n");
+    stuck.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+
+    // It holds the relay's one connection, until the send timeout frees it.
+    let healthz = b"GET /healthz HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n";
+    let mut first = connect_from([127, 0, 0, 10], addr).await;
+    let refused = exchange(&mut first, healthz).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let mut served_after = None;
+    while started.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut next = connect_from([127, 0, 0, 10], addr).await;
+        if exchange(&mut next, healthz)
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            served_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let after = served_after.expect("the stuck client was never cut");
+    assert!(after >= Duration::from_millis(900), "cut after {after:?}");
+    drop(stuck);
+    relay.shutdown().await;
+}
