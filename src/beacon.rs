@@ -336,17 +336,25 @@ pub async fn receive(
         state.beacon_max_skew,
         state.beacon_seqs.is_durable(),
     )?;
-    state
-        .beacon_seqs
-        .check(&beacon.relay, beacon.seq)
-        .map_err(seq_error)?;
+    // A late beacon sent before this receiver's memory of sequences began (its state was
+    // wiped, say) could be a replay it cannot recognize.
+    let remembered = state.beacon_seqs.remembers_since();
+    let skew = chrono::TimeDelta::from_std(state.beacon_max_skew).unwrap_or_default();
+    if remembered.is_some_and(|since| beacon.sent_at < since - skew) {
+        let why = format!(
+            "beacon {} from {} was sent before this receiver's sequence memory begins",
+            beacon.seq, beacon.relay
+        );
+        return Err(ApiError::Conflict(why));
+    }
 
-    // Both writes in the blocking pool. The sequence is recorded only once the beacon is
-    // stored: a sender whose beacon could not be stored retries, and must not then be told
-    // (409) that it was delivered.
+    // The checks and writes in the blocking pool, since the sequence log is synced. The
+    // sequence is recorded only once the beacon is stored: a sender whose beacon could not
+    // be stored retries, and must not then be told (409) that it was delivered.
     let (outbox, seqs) = (state.beacon_outbox.clone(), state.beacon_seqs.clone());
     let (relay, seq) = (beacon.relay.clone(), beacon.seq);
     tokio::task::spawn_blocking(move || {
+        seqs.check(&relay, seq).map_err(seq_error)?;
         if let Some(outbox) = outbox {
             push_bounded(&outbox, &body)
                 .map_err(|e| ApiError::Internal(format!("beacon outbox: {e}")))?;

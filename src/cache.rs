@@ -280,9 +280,9 @@ impl Cache {
 
     /// Opens cached bundle `id`, with its length, and records the access; `None` when it
     /// is not cached. May wait for the disk: call it from the blocking pool.
-    pub fn open_bundle(&self, id: &BundleId) -> io::Result<Option<(File, u64)>> {
+    pub fn open_bundle(self: &Arc<Self>, id: &BundleId) -> io::Result<Option<(File, u64)>> {
         match File::open(self.object_path(id)) {
-            Ok(file) => self.opened(id, file).map(Some),
+            Ok(file) => self.opened(id, file, false).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -293,14 +293,14 @@ impl Cache {
     /// disk. [`Lookup::WouldBlock`] when the lookup needs the disk (or the kernel is older
     /// than 5.12): the caller then uses `open_bundle` in the blocking pool. A hit on a hot
     /// bundle thus costs no hand-off between threads.
-    pub fn open_bundle_nowait(&self, id: &BundleId) -> io::Result<Lookup> {
+    pub fn open_bundle_nowait(self: &Arc<Self>, id: &BundleId) -> io::Result<Lookup> {
         use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
 
         let path = self.object_path(id);
         let flags = OFlags::RDONLY | OFlags::CLOEXEC;
         match openat2(CWD, &path, flags, Mode::empty(), ResolveFlags::CACHED) {
             Ok(fd) => {
-                let (file, len) = self.opened(id, File::from(fd))?;
+                let (file, len) = self.opened(id, File::from(fd), true)?;
                 Ok(Lookup::Opened(file, len))
             }
             Err(rustix::io::Errno::NOENT) => Ok(Lookup::NotCached),
@@ -310,31 +310,75 @@ impl Cache {
         }
     }
 
-    /// The length of an opened bundle, with its access recorded.
-    fn opened(&self, id: &BundleId, file: File) -> io::Result<(File, u64)> {
+    /// The length of an opened bundle, with its access recorded: here, or with `nowait`
+    /// (on an async thread) in the blocking pool when that means a write or a wait.
+    fn opened(
+        self: &Arc<Self>,
+        id: &BundleId,
+        file: File,
+        nowait: bool,
+    ) -> io::Result<(File, u64)> {
         let meta = file.metadata()?;
         let len = meta.len();
-        let now = SystemTime::now();
 
         // The mtime carries the order of last accesses across restarts. Only the order
         // matters, so a hit on the bundle with the newest mtime of all (a hot bundle hit
-        // again and again) leaves it be and does not dirty the inode. Failing to set it
-        // costs only recency, so it does not fail the request.
+        // again and again) leaves it be and does not dirty the inode. The time is taken
+        // under the lock, so the mtimes written follow the order of the hits. A failed
+        // write costs only recency (the next hit writes again), so it fails no request.
         let mtime = meta.modified().map_or(0, nanos);
-        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
-        if *newest != Some((*id, mtime)) && file.set_modified(now).is_ok() {
-            *newest = Some((*id, nanos(now)));
-        }
-        drop(newest);
+        let write_mtime = {
+            let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+            (*newest != Some((*id, mtime))).then(|| {
+                let now = SystemTime::now();
+                *newest = Some((*id, nanos(now)));
+                now
+            })
+        };
+        let now = write_mtime.unwrap_or_else(SystemTime::now);
 
-        let mut index = self.index();
         // Known bundles just get the new time. An unknown one (published while the relay
         // runs, or evicted or purged since the open) is added only if its file is still
-        // there, so no ghost entry appears; the stat stays off common hits.
+        // there, so no ghost entry appears; the stat stays off common hits. On an async
+        // thread, an index held by an eviction (which deletes files) is not waited for.
+        let touched = if nowait {
+            match self.index.try_lock() {
+                Ok(mut index) => index.touch_known(id, now),
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().touch_known(id, now),
+                Err(std::sync::TryLockError::WouldBlock) => false,
+            }
+        } else {
+            self.touch(id, len, now);
+            true
+        };
+        if touched && write_mtime.is_none() {
+            return Ok((file, len));
+        }
+
+        let record = {
+            let (cache, id, copy) = (self.clone(), *id, file.try_clone()?);
+            move || {
+                if let Some(at) = write_mtime {
+                    let _ = copy.set_modified(at);
+                }
+                if !touched {
+                    cache.touch(&id, len, now);
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if nowait => drop(runtime.spawn_blocking(record)),
+            _ => record(),
+        }
+        Ok((file, len))
+    }
+
+    /// Records an access to `id` in the index.
+    fn touch(&self, id: &BundleId, len: u64, now: SystemTime) {
+        let mut index = self.index();
         if !index.touch_known(id, now) && self.object_path(id).is_file() {
             index.touch(*id, len, now);
         }
-        Ok((file, len))
     }
 
     /// Whether bundle `id` is cached.
@@ -724,6 +768,7 @@ mod tests {
     fn uncommitted_temp_files_vanish_and_committed_ones_are_found() {
         let dir = tempfile::tempdir().unwrap();
         let (cache, summary) = Cache::open_for_serving(dir.path(), CacheBounds::default()).unwrap();
+        let cache = Arc::new(cache);
         assert_eq!(summary, CacheSummary::default());
 
         let id = BundleId::of(b"abc");
@@ -745,6 +790,7 @@ mod tests {
     fn a_hot_bundle_opens_without_the_disk_and_only_a_change_of_order_writes_mtimes() {
         let dir = tempfile::tempdir().unwrap();
         let (cache, _) = Cache::open_for_serving(dir.path(), CacheBounds::default()).unwrap();
+        let cache = Arc::new(cache);
         let id = BundleId::of(b"hot");
         let temp = cache.create_temp(&id).unwrap();
         temp.file().write_all_at(b"hot", 0).unwrap();

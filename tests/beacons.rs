@@ -156,6 +156,13 @@ async fn a_relay_refuses_unsigned_tampered_replayed_and_skewed_beacons_across_re
     let dir = tempfile::tempdir().unwrap();
     write_key(dir.path());
     let extra = "[beacon]\nkey_file = \"beacon.key\"\nmax_skew = \"1m\"\n";
+    // This relay has been receiving beacons for half an hour (its sequence log says since
+    // when it remembers them).
+    let spool = dir.path().join("parent-cache").join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let since = Utc::now() - chrono::Duration::minutes(30);
+    let log = format!("#since {}\n", since.timestamp_millis());
+    std::fs::write(spool.join("beacon-seqs"), log).unwrap();
     let relay = Relay::start(&relay_config_with("parent", dir.path(), &[], None, extra))
         .await
         .unwrap();
@@ -204,6 +211,13 @@ async fn a_relay_refuses_unsigned_tampered_replayed_and_skewed_beacons_across_re
         post_beacon(&relay, &late, Some(&sign(&KEY, &late))).await,
         202,
         "late"
+    );
+    // One sent before the relay's memory of sequences began could be a replay.
+    let ancient = beacon(100, Utc::now() - chrono::Duration::hours(2));
+    assert_eq!(
+        post_beacon(&relay, &ancient, Some(&sign(&KEY, &ancient))).await,
+        409,
+        "older than the sequence memory"
     );
     let next = beacon(7, Utc::now());
     assert_eq!(

@@ -3,16 +3,21 @@
 //! it arrives (it can only be one that waited in a queue, never a replay) and never takes
 //! a replay after a restart.
 //!
-//! The file is a log of `relay seq` lines, appended as beacons are recorded and rewritten
-//! whole (the highest sequence per relay) at start and whenever it holds twice as many
-//! lines as relays. A torn last line (a crash mid-append) is skipped.
+//! The file is a log: a first line `#since <unix ms>` (when this memory began, since a
+//! beacon sent long before it cannot be judged; `#` is never in a relay id), then `relay
+//! seq` lines, appended and synced as beacons are recorded, and rewritten whole (the
+//! highest sequence per relay) at start and whenever it holds twice as many lines as
+//! relays. Lines that do not parse (a torn last line after a crash) are skipped; a torn
+//! line reads as a lower number, which the highest-wins rule ignores. Call it from the
+//! blocking pool: it writes and syncs files.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use chrono::{DateTime, Utc};
 use tracing::warn;
 
 /// Most relays whose last sequence a receiver remembers.
@@ -36,6 +41,8 @@ pub enum SeqError {
 #[derive(Debug)]
 pub struct SeqStore {
     inner: Mutex<Inner>,
+    /// When this store's memory began; `None` for a memory-only store.
+    since: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug)]
@@ -49,6 +56,10 @@ struct Log {
     path: PathBuf,
     file: File,
     lines: usize,
+    since: DateTime<Utc>,
+    /// An append failed part-way: the file may end in a fragment, so it is rewritten
+    /// before the next append.
+    dirty: bool,
 }
 
 impl SeqStore {
@@ -59,43 +70,58 @@ impl SeqStore {
                 seqs: HashMap::new(),
                 log: None,
             }),
+            since: None,
         }
     }
 
     /// Opens (or creates) the log at `path` and compacts it.
     pub fn open(path: &Path) -> io::Result<Self> {
         let mut seqs = HashMap::new();
-        match File::open(path) {
-            Ok(file) => {
-                for line in BufReader::new(file).lines() {
-                    let line = line?;
-                    let Some((relay, seq)) = line.split_once(' ') else {
-                        continue;
-                    };
-                    let Ok(seq) = seq.trim().parse::<u64>() else {
-                        warn!(path = %path.display(), line, "skipping a torn beacon sequence line");
-                        continue;
-                    };
-                    let last = seqs.entry(relay.to_string()).or_insert(0);
-                    *last = (*last).max(seq);
+        let mut since = None;
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                for line in bytes.split(|&b| b == b'\n') {
+                    let parsed = std::str::from_utf8(line).ok().and_then(|line| {
+                        let (key, value) = line.split_once(' ')?;
+                        Some((key, value.trim().parse::<i64>().ok()?))
+                    });
+                    match parsed {
+                        Some(("#since", ms)) if since.is_none() => {
+                            since = DateTime::from_timestamp_millis(ms);
+                        }
+                        Some((relay, seq)) if !relay.starts_with('#') && seq >= 0 => {
+                            let last = seqs.entry(relay.to_string()).or_insert(0u64);
+                            *last = (*last).max(seq as u64);
+                        }
+                        _ if line.is_empty() => {}
+                        _ => warn!(path = %path.display(), "skipping a torn beacon sequence line"),
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let log = rewrite(path, &seqs)?;
+        // A log without its first line (lost, or older) remembers from now on.
+        let since = since.unwrap_or_else(Utc::now);
+        let log = rewrite(path, &seqs, since)?;
         Ok(Self {
             inner: Mutex::new(Inner {
                 seqs,
                 log: Some(log),
             }),
+            since: Some(since),
         })
     }
 
     /// Whether the sequences survive a restart.
     pub fn is_durable(&self) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.log.is_some()
+        self.since.is_some()
+    }
+
+    /// Since when this store remembers every sequence it took: a late beacon sent well
+    /// before it may be a replay it cannot recognize. `None` for a memory-only store.
+    pub fn remembers_since(&self) -> Option<DateTime<Utc>> {
+        self.since
     }
 
     /// Whether `seq` from `relay` is new: above the last one recorded.
@@ -104,24 +130,33 @@ impl SeqStore {
         check(&inner.seqs, relay, seq)
     }
 
-    /// Records `seq` as the last from `relay`, on disk first.
+    /// Records `seq` as the last from `relay`, on disk (synced) first.
     pub fn record(&self, relay: &str, seq: u64) -> Result<(), SeqError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         check(&inner.seqs, relay, seq)?;
         let Inner { seqs, log } = &mut *inner;
-        if let Some(log) = log {
-            let io_error = |path: &Path, source| SeqError::Io {
-                path: path.to_path_buf(),
-                source,
-            };
-            writeln!(log.file, "{relay} {seq}").map_err(|e| io_error(&log.path, e))?;
-            log.lines += 1;
+        let Some(log) = log else {
             seqs.insert(relay.to_string(), seq);
-            if log.lines > 2 * seqs.len() + SLACK_LINES {
-                *log = rewrite(&log.path, seqs).map_err(|e| io_error(&log.path, e))?;
-            }
-        } else {
-            seqs.insert(relay.to_string(), seq);
+            return Ok(());
+        };
+        let io_error = |path: &Path, source| SeqError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if log.dirty {
+            *log = rewrite(&log.path, seqs, log.since).map_err(|e| io_error(&log.path, e))?;
+        }
+        let appended = writeln!(log.file, "{relay} {seq}").and_then(|()| log.file.sync_data());
+        if let Err(e) = appended {
+            // Part of the line may be in the file: a fragment glued to the next line could
+            // read as another relay's sequence, so the file is rewritten from memory first.
+            log.dirty = true;
+            return Err(io_error(&log.path, e));
+        }
+        log.lines += 1;
+        seqs.insert(relay.to_string(), seq);
+        if log.lines > 2 * seqs.len() + SLACK_LINES {
+            *log = rewrite(&log.path, seqs, log.since).map_err(|e| io_error(&log.path, e))?;
         }
         Ok(())
     }
@@ -145,9 +180,10 @@ fn check(seqs: &HashMap<String, u64>, relay: &str, seq: u64) -> Result<(), SeqEr
 
 /// Writes the highest sequence per relay to a new file, renames it over `path`, and opens
 /// it for appending.
-fn rewrite(path: &Path, seqs: &HashMap<String, u64>) -> io::Result<Log> {
+fn rewrite(path: &Path, seqs: &HashMap<String, u64>, since: DateTime<Utc>) -> io::Result<Log> {
     let temp = path.with_extension("tmp");
-    let mut text = String::with_capacity(seqs.len() * 32);
+    let mut text = String::with_capacity(seqs.len() * 32 + 32);
+    text.push_str(&format!("#since {}\n", since.timestamp_millis()));
     for (relay, seq) in seqs {
         text.push_str(relay);
         text.push(' ');
@@ -164,7 +200,9 @@ fn rewrite(path: &Path, seqs: &HashMap<String, u64>) -> io::Result<Log> {
     Ok(Log {
         path: path.to_path_buf(),
         file,
-        lines: seqs.len(),
+        lines: seqs.len() + 1,
+        since,
+        dirty: false,
     })
 }
 
@@ -190,9 +228,16 @@ mod tests {
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         write!(file, "branch-2 9").unwrap();
         write!(file, "\nbranch-3 x").unwrap();
+        file.write_all(b"\n\xff\xfe garbage\n").unwrap();
         drop(file);
+        let since = SeqStore::open(&path).unwrap().remembers_since().unwrap();
 
         let store = SeqStore::open(&path).unwrap();
+        assert_eq!(
+            store.remembers_since(),
+            Some(since),
+            "the memory's start is kept"
+        );
         assert!(
             store.check("branch-1", 12).is_err(),
             "a replay after a restart"
@@ -200,9 +245,9 @@ mod tests {
         assert!(store.check("branch-1", 13).is_ok());
         assert!(store.check("branch-2", 9).is_err());
         assert!(store.check("branch-3", 1).is_ok());
-        // Compacted at open: one line per relay.
+        // Compacted at open: the `since` line, then one line per relay.
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
-        assert_eq!(lines, 2);
+        assert_eq!(lines, 3);
     }
 
     #[test]
