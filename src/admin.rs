@@ -10,7 +10,6 @@ use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 use tracing::info;
@@ -253,11 +252,7 @@ async fn set_manifest(
         let why = "this relay takes its manifest from its parent; set it at the root";
         return Err(ApiError::Conflict(why.into()));
     }
-    let body = Limited::new(request.into_body(), MAX_MANIFEST_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("manifest body: {e}")))?
-        .to_bytes();
+    let body = crate::server::read_body(request, "the manifest body", MAX_MANIFEST_BODY).await?;
     let wanted: ManifestRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("manifest body: {e}")))?;
     let mut entries = Vec::with_capacity(wanted.bundles.len());

@@ -180,7 +180,11 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{what} exceeds the limit of {limit}")]
     TooLarge { what: &'static str, limit: String },
-    #[error("{what} stalled: no byte for {}s ([server] body_timeout)", after.as_secs_f64())]
+    #[error(
+        "{what} stalled: nothing more within {}s ([server] body_timeout, and at least 1 kB/s \
+         in all)",
+        after.as_secs_f64()
+    )]
     BodyTimeout { what: &'static str, after: Duration },
     #[error("the report spool is full; retry later")]
     SpoolFull,
@@ -343,13 +347,19 @@ pub(crate) async fn read_body(
         .get::<BodyTimeout>()
         .map_or(DEFAULT_BODY_TIMEOUT, |t| t.0);
 
-    // Frame by frame, so a client that trickles a body (or stops) is cut after `stall`
-    // without a byte, however large the body.
+    // Frame by frame, so a client that stops is cut after `stall` without a byte; and
+    // the whole body must come at 1 kB/s on average after the first `stall`, so one that
+    // trickles a byte now and then is cut too.
+    let whole = stall + Duration::from_millis(declared.unwrap_or(max as u64));
+    let deadline = tokio::time::Instant::now() + whole;
     let mut body = http_body_util::Limited::new(request.into_body(), max);
     let mut bytes = bytes::BytesMut::new();
     loop {
-        let frame = match tokio::time::timeout(stall, body.frame()).await {
-            Err(_) => return Err(ApiError::BodyTimeout { what, after: stall }),
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(stall);
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) => return Err(ApiError::BodyTimeout { what, after: wait }),
             Ok(None) => return Ok(bytes.freeze()),
             Ok(Some(frame)) => frame,
         };

@@ -406,3 +406,38 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
     drop(stuck);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_body_trickled_a_byte_at_a_time_gets_408_at_the_minimum_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MockUpstream::start(Behavior::Normal).await;
+    let relay = relay_with(dir.path(), &origin, "body_timeout = \"500ms\"\n").await;
+
+    // 1,000 bytes declared: allowed 0.5 s plus 1 s at 1 kB/s, but one byte comes every
+    // 0.3 s, inside the stall timeout each time.
+    let stream = connect_from([127, 0, 0, 11], relay.local_addr()).await;
+    let (mut read, mut write) = stream.into_split();
+    let head = "POST /v1/reports HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n\
+                content-length: 1000\r\n\r\n";
+    write.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if write.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = within(10, read.read_to_end(&mut answer)).await;
+    let after = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        after >= Duration::from_millis(1200) && after < Duration::from_secs(5),
+        "cut after {after:?}"
+    );
+    trickle.abort();
+    relay.shutdown().await;
+}
