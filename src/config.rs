@@ -58,7 +58,7 @@ pub struct ServerConfig {
     /// or from the first byte after an idle spell (slowloris). Default 20 s.
     pub header_timeout: Duration,
     /// Time a keep-alive connection may sit idle after its last response before it is
-    /// closed. Default 75 s: above the 60 s a child relay keeps idle connections to its
+    /// closed. Default 30 s: above the 20 s a child relay keeps idle connections to its
     /// parent, so the child closes first and never reuses a connection being closed.
     pub idle_timeout: Duration,
     /// Time a connection may have bytes to send that the client does not take (it stopped
@@ -83,7 +83,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_connections_per_client: 512,
             header_timeout: Duration::from_secs(20),
-            idle_timeout: Duration::from_secs(75),
+            idle_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(20),
             max_header_size: 16 * 1024,

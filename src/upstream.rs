@@ -26,6 +26,11 @@ use crate::config::{BaseUrl, OriginTemplate, UpstreamConfig};
 use crate::manifest::Manifest;
 use crate::server::RELAY_HEADER;
 
+/// How long an idle connection to a parent is kept for reuse: below the parent's default
+/// `[server] idle_timeout` (30 s), so this side closes first and never sends a request on a
+/// connection the parent is closing.
+const POOL_IDLE: Duration = Duration::from_secs(20);
+
 /// Largest JSON document (a manifest) accepted from a parent.
 const MAX_JSON_BODY: usize = 4 * 1024 * 1024;
 
@@ -152,7 +157,7 @@ impl Upstream {
         http.enforce_http(false);
         let connector = crate::tls::connector(http, config.tls.as_ref())?;
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(POOL_IDLE)
             .build(connector.clone());
 
         let parents = config.parents.iter().cloned().map(SourceKind::Parent);
