@@ -28,10 +28,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check a relay config (keys, units, paths, secrets) without starting; exits 2 with
-    /// `file:line: key: message` lines if anything is wrong.
+    /// Check a relay config (keys, units, paths, secrets), or a monitor config, without
+    /// starting; exits 2 with `file:line: key: message` lines if anything is wrong.
     Check {
-        /// The relay's config file.
+        /// The relay's (or the monitor's) config file.
         #[arg(short, long, default_value = "relay.toml")]
         config: PathBuf,
     },
@@ -130,7 +130,45 @@ fn load_checked(path: &Path) -> Result<Config, ExitCode> {
     }
 }
 
+/// Whether `path` holds a monitor config: one with the monitor's own sections, or a
+/// `[monitor]` table with the monitor's keys (a relay's has only `url` and `spool_max`).
+fn is_monitor_config(path: &Path) -> bool {
+    let Some(table) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+    else {
+        return false;
+    };
+    let monitor_keys = table
+        .get("monitor")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|m| {
+            ["id", "listen", "database"]
+                .iter()
+                .any(|k| m.contains_key(*k))
+        });
+    monitor_keys || table.contains_key("checks") || table.contains_key("attribution")
+}
+
 fn check(path: &Path) -> ExitCode {
+    if is_monitor_config(path) {
+        return match crate::monitor::config::MonitorConfig::load(path) {
+            Ok(config) => {
+                println!(
+                    "{}: ok (monitor {}, listen {}, database {})",
+                    path.display(),
+                    config.id,
+                    config.listen,
+                    config.database.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("patchrelay: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match load_checked(path) {
         Ok(config) => {
             println!(

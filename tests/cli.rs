@@ -201,6 +201,43 @@ fn checked_in_example_config_is_valid() {
     assert!(monitor.tls.is_none() && monitor.checks.tls.is_none());
 }
 
+#[test]
+fn check_recognizes_a_monitor_config_and_names_its_bad_line() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(manifest.join("monitor.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok (monitor central, listen 127.0.0.1:7500"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("monitor.toml");
+    let text = "[monitor]\nid = \"central\"\nlisten = \"127.0.0.1:7500\"\n\
+                database = \"m.db\"\n\n[checks]\ninterval = \"soon\"\n";
+    std::fs::write(&bad, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("monitor.toml:7: checks.interval"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn serve_answers_published_bundles_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
