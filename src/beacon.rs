@@ -10,8 +10,9 @@
 //! growing across restarts, and a receiver remembers the last one per relay (see
 //! [`SeqStore`]), so it takes a beacon however late it comes (it waited in a queue; a
 //! replay would repeat a sequence) and refuses replays after a restart too. A receiver
-//! without a state directory (tests) also refuses beacons older than `max_skew`. The outbox keeps at most [`MAX_OUTBOX`] beacons: when a receiver is away for
-//! long, the oldest beacons go first.
+//! without a state directory (tests) also refuses beacons older than `max_skew`. The
+//! outbox keeps at most [`MAX_OUTBOX`] beacons: when a receiver is away for long, the
+//! oldest beacons go first.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

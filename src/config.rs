@@ -1179,8 +1179,9 @@ stall_timeout = "1m"
     fn server_limits_parse_and_bad_ones_name_their_line() {
         let config = parse(&format!(
             "{GOOD}\n[server]\nmax_connections = 100\nmax_connections_per_client = 10\n\
-             header_timeout = \"5s\"\nidle_timeout = \"2m\"\nbody_timeout = \"9s\"\nsend_timeout = \"3m\"\nmax_header_size = \"8 KiB\"\n\
-             max_fills = 3\nmax_report_body = \"1 MiB\"\nmax_report_batch = 100\n"
+             header_timeout = \"5s\"\nidle_timeout = \"2m\"\nbody_timeout = \"9s\"\n\
+             send_timeout = \"3m\"\nmax_header_size = \"8 KiB\"\nmax_fills = 3\n\
+             max_report_body = \"1 MiB\"\nmax_report_batch = 100\n"
         ))
         .unwrap();
         assert_eq!(

@@ -132,7 +132,7 @@ impl ConnClock {
             Phase::Head(_) | Phase::Idle(_) => Phase::Busy(1),
         };
         InFlight {
-            clock: Some(self.clone()),
+            clock: self.clone(),
         }
     }
 
@@ -153,12 +153,10 @@ impl ConnClock {
     /// and at least every half send timeout (a write starts waiting without waking
     /// [`watch`], so a stuck client is found within one and a half send timeouts).
     fn next_check(&self, now: Instant) -> Instant {
-        let poll = now + self.send_timeout / 2;
-        let at = match *self.phase() {
-            Phase::Head(since) => poll.min(since + self.header_timeout),
-            Phase::Idle(since) => poll.min(since.max(self.last_write()) + self.idle_timeout),
-            Phase::Busy(_) => poll,
-        };
+        let mut at = now + self.send_timeout / 2;
+        if let Some((phase_end, _)) = self.phase_deadline() {
+            at = at.min(phase_end);
+        }
         self.send_deadline().map_or(at, |send| at.min(send))
     }
 
@@ -167,12 +165,19 @@ impl ConnClock {
         if self.send_deadline().is_some_and(|send| send <= now) {
             return Some(Expired::Send);
         }
+        self.phase_deadline()
+            .and_then(|(at, which)| (at <= now).then_some(which))
+    }
+
+    /// When the current phase runs out, and which deadline that is; `None` while busy.
+    fn phase_deadline(&self) -> Option<(Instant, Expired)> {
         match *self.phase() {
-            Phase::Head(since) if since + self.header_timeout <= now => Some(Expired::Head),
-            Phase::Idle(since) if since.max(self.last_write()) + self.idle_timeout <= now => {
-                Some(Expired::Idle)
+            Phase::Head(since) => Some((since + self.header_timeout, Expired::Head)),
+            Phase::Idle(since) => {
+                let end = since.max(self.last_write()) + self.idle_timeout;
+                Some((end, Expired::Idle))
             }
-            _ => None,
+            Phase::Busy(_) => None,
         }
     }
 
@@ -199,14 +204,12 @@ pub struct Timeouts {
 /// A request in flight; ends it when dropped.
 #[derive(Debug)]
 pub struct InFlight {
-    clock: Option<Arc<ConnClock>>,
+    clock: Arc<ConnClock>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(clock) = self.clock.take() {
-            clock.request_done();
-        }
+        self.clock.request_done();
     }
 }
 

@@ -181,6 +181,13 @@ struct HoldOff {
     reason: HoldReason,
 }
 
+impl HoldOff {
+    /// Over for longer than the longest hold-off: the next failure starts afresh.
+    fn long_over(&self, now: Instant) -> bool {
+        self.until + HOLD_OFF_MAX < now
+    }
+}
+
 /// The registry of running fills.
 #[derive(Debug)]
 pub struct Fills {
@@ -229,9 +236,9 @@ impl Fills {
             .lock()
             .expect("hold-off lock is never poisoned");
         let hold = *held.get(id)?;
-        let left = hold.until.checked_duration_since(Instant::now());
-        if left.is_none() && hold.until + HOLD_OFF_MAX < Instant::now() {
-            // Long past: the next failure starts the backoff afresh.
+        let now = Instant::now();
+        let left = hold.until.checked_duration_since(now);
+        if hold.long_over(now) {
             held.remove(id);
         }
         left.map(|left| (left, hold.reason))
@@ -244,15 +251,15 @@ impl Fills {
             .held_off
             .lock()
             .expect("hold-off lock is never poisoned");
-        // A verification backoff long over starts afresh, as in `held_off`.
+        let now = Instant::now();
         let failures = held
             .get(&id)
-            .filter(|h| h.until + HOLD_OFF_MAX >= Instant::now())
+            .filter(|h| !h.long_over(now))
             .map_or(0, |h| h.failures);
         held.insert(
             id,
             HoldOff {
-                until: Instant::now() + wait,
+                until: now + wait,
                 failures,
                 reason: HoldReason::UpstreamBusy,
             },
@@ -265,12 +272,16 @@ impl Fills {
             .held_off
             .lock()
             .expect("hold-off lock is never poisoned");
-        let failures = held.get(&id).map_or(1, |h| h.failures + 1);
+        let now = Instant::now();
+        let failures = held
+            .get(&id)
+            .filter(|h| !h.long_over(now))
+            .map_or(1, |h| h.failures + 1);
         let delay = hold_off_delay(failures);
         held.insert(
             id,
             HoldOff {
-                until: Instant::now() + delay,
+                until: now + delay,
                 failures,
                 reason: HoldReason::Corrupt,
             },
@@ -905,19 +916,16 @@ fn summarize(id: BundleId, failures: &[FetchError]) -> FillError {
     {
         return FillError::NotFound { id };
     }
-    let answered = || {
-        failures
-            .iter()
-            .filter(|f| !matches!(f, FetchError::NotFound { .. }))
-    };
-    if answered().all(|f| matches!(f, FetchError::Busy { .. })) {
-        let retry_after = answered()
-            .filter_map(|f| match f {
-                FetchError::Busy { retry_after, .. } => Some(*retry_after),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(HOLD_OFF_FIRST);
+    // Every source that has it said "later": the shortest wait any asked for.
+    let waits: Option<Vec<Duration>> = failures
+        .iter()
+        .filter(|f| !matches!(f, FetchError::NotFound { .. }))
+        .map(|f| match f {
+            FetchError::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        })
+        .collect();
+    if let Some(retry_after) = waits.and_then(|waits| waits.into_iter().min()) {
         return FillError::Busy { id, retry_after };
     }
     let last = failures

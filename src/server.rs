@@ -342,10 +342,10 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large());
     }
-    let stall = request
-        .extensions()
-        .get::<BodyTimeout>()
-        .map_or(DEFAULT_BODY_TIMEOUT, |t| t.0);
+    let stall = request.extensions().get::<BodyTimeout>().map_or_else(
+        || crate::config::ServerConfig::default().body_timeout,
+        |t| t.0,
+    );
 
     // Frame by frame, so a client that stops is cut after `stall` without a byte; and
     // the whole body must come at 1 kB/s on average after the first `stall`, so one that
@@ -376,11 +376,9 @@ pub(crate) async fn read_body(
 }
 
 /// How long a request body may stall between two reads (`[server] body_timeout`), put in
-/// each request's extensions by the accept loop.
+/// each request's extensions by the accept loop (without one, the default applies).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyTimeout(pub Duration);
-
-const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Refuses any method but `allowed` with 405.
 pub fn require_method(method: &Method, allowed: Method) -> Result<(), ApiError> {
