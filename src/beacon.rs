@@ -232,11 +232,7 @@ fn store(outbox: &Path, beacon: &Beacon) -> std::io::Result<()> {
         seq,
         ..beacon.clone()
     };
-    let temp = outbox.join("seq.tmp");
-    std::fs::write(&temp, seq.to_string())?;
-    std::fs::File::open(&temp)?.sync_all()?;
-    std::fs::rename(&temp, &seq_file)?;
-    std::fs::File::open(outbox)?.sync_all()?;
+    reports::write_durably(&seq_file, seq.to_string().as_bytes())?;
 
     let body = serde_json::to_vec(&beacon).map_err(std::io::Error::other)?;
     push_bounded(outbox, &body)

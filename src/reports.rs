@@ -243,11 +243,21 @@ pub fn write_file(dir: &Path, bytes: &[u8]) -> io::Result<()> {
         .as_nanos();
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let name = format!("{nanos:024}-{seq:08}-{}", std::process::id());
-    let temp = dir.join(format!("{name}.tmp"));
+    write_durably(&dir.join(format!("{name}.json")), bytes)
+}
+
+/// Writes `bytes` to `path` so that after a crash or power cut `path` holds either its old
+/// content or all of the new: through `<path>.tmp`, synced, renamed over it, and the
+/// directory synced.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let temp = path.with_extension("tmp");
     fs::write(&temp, bytes)?;
     fs::File::open(&temp)?.sync_all()?;
-    fs::rename(&temp, dir.join(format!("{name}.json")))?;
-    fs::File::open(dir)?.sync_all()
+    fs::rename(&temp, path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => fs::File::open(dir)?.sync_all(),
+        _ => fs::File::open(".")?.sync_all(),
+    }
 }
 
 /// The files of an outbox directory, oldest first.

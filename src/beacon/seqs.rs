@@ -181,7 +181,6 @@ fn check(seqs: &HashMap<String, u64>, relay: &str, seq: u64) -> Result<(), SeqEr
 /// Writes the highest sequence per relay to a new file, renames it over `path`, and opens
 /// it for appending.
 fn rewrite(path: &Path, seqs: &HashMap<String, u64>, since: DateTime<Utc>) -> io::Result<Log> {
-    let temp = path.with_extension("tmp");
     let mut text = String::with_capacity(seqs.len() * 32 + 32);
     text.push_str(&format!("#since {}\n", since.timestamp_millis()));
     for (relay, seq) in seqs {
@@ -190,12 +189,7 @@ fn rewrite(path: &Path, seqs: &HashMap<String, u64>, since: DateTime<Utc>) -> io
         text.push_str(&seq.to_string());
         text.push('\n');
     }
-    std::fs::write(&temp, text)?;
-    File::open(&temp)?.sync_all()?;
-    std::fs::rename(&temp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
+    crate::reports::write_durably(path, text.as_bytes())?;
     let file = OpenOptions::new().append(true).open(path)?;
     Ok(Log {
         path: path.to_path_buf(),
