@@ -64,8 +64,9 @@ pub struct ServerConfig {
     /// Time a connection may have bytes to send that the client does not take (it stopped
     /// reading) before it is closed. Default 60 s.
     pub send_timeout: Duration,
-    /// Time a request body (reports, beacons, deployments) may stall between two reads
-    /// before the request gets 408 and the connection is closed. Default 20 s.
+    /// Time a request body (reports, beacons, deployments, the admin manifest) may stall
+    /// between two reads, and beyond it 1 s per kB declared for the whole body, before the
+    /// request gets 408 and the connection is closed. Default 20 s.
     pub body_timeout: Duration,
     /// Largest request head (request line and headers); larger gets 431. Default 16 KiB.
     pub max_header_size: usize,

@@ -346,13 +346,7 @@ impl Upstream {
             })?
             .map_err(|e| transport_error(url.clone(), &e))?;
         if !response.status().is_success() {
-            let headers = response.headers();
-            return Err(classify_status(
-                &url,
-                response.status(),
-                headers,
-                String::new(),
-            ));
+            return Err(classify_status(&url, &response, String::new()));
         }
         let body = Limited::new(response.into_body(), MAX_JSON_BODY);
         let bytes = tokio::time::timeout(self.stall_timeout, body.collect())
@@ -422,9 +416,8 @@ impl Upstream {
             };
 
         self.record_success(source.index);
-        let total = check_response(&response, offset, known_total).map_err(|message| {
-            classify_status(&url, response.status(), response.headers(), message)
-        })?;
+        let total = check_response(&response, offset, known_total)
+            .map_err(|message| classify_status(&url, &response, message))?;
         Ok(Opened {
             total,
             body: response.into_body(),
@@ -469,12 +462,8 @@ fn retry_after(headers: &HeaderMap) -> Duration {
         .clamp(Duration::from_secs(1), MAX_RETRY_AFTER)
 }
 
-fn classify_status(
-    url: &str,
-    status: StatusCode,
-    headers: &HeaderMap,
-    message: String,
-) -> FetchError {
+fn classify_status<B>(url: &str, response: &http::Response<B>, message: String) -> FetchError {
+    let (status, headers) = (response.status(), response.headers());
     let url = url.to_string();
     match status {
         StatusCode::NOT_FOUND | StatusCode::GONE => FetchError::NotFound { url },
@@ -568,7 +557,7 @@ mod tests {
     fn a_503_or_429_is_a_busy_source_with_its_retry_after_bounded() {
         let busy = |status, headers: &[(&str, &str)]| {
             let r = response(status, headers);
-            match classify_status("p", r.status(), r.headers(), String::new()) {
+            match classify_status("p", &r, String::new()) {
                 FetchError::Busy { retry_after, .. } => Some(retry_after.as_secs()),
                 _ => None,
             }
